@@ -22,10 +22,11 @@ def parse_exact(
     code: ErrorCode = ErrorCode.MALFORMED,
 ) -> Any:
     """Parse ``data`` completely as ``struct``; any failure is a :class:`DecodeError`."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        msg = f"{what}: expected bytes, got {type(data).__name__}"
+    raw: object = data  # callers pass what a peer sent; trust no annotation
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        msg = f"{what}: expected bytes, got {type(raw).__name__}"
         raise DecodeError(msg, code)
-    data = bytes(data)
+    data = bytes(raw)
     try:
         value, consumed = _parse_counting(struct, data)
     except (construct.ConstructError, ValueError, OverflowError, UnicodeDecodeError) as exc:
