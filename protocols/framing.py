@@ -12,7 +12,8 @@ Wire layout of a fragment (all integers big-endian)::
 
 The first fragment has index 0 and each following fragment counts up by one, modulo 64.
 A message that fits in one fragment is sent as a single FIRST|LAST fragment. A fragment is
-at most ``mtu - ATT_HEADER_SIZE`` bytes long.
+at most ``min(mtu - 3, 512)`` bytes long: the ATT header takes three bytes of the MTU,
+and no attribute value may exceed 512 bytes.
 
 GATT links are ordered and reliable, so a fragment out of sequence means a dropped,
 duplicated or injected frame: it is an error, never something to reorder or skip. The
@@ -26,7 +27,7 @@ from __future__ import annotations
 from typing import Final
 
 from protocols.errors import ErrorCode, FramingError, LocalProtocolError
-from protocols.gatt import ATT_HEADER_SIZE, MAX_ATT_MTU, MIN_ATT_MTU
+from protocols.gatt import MAX_ATT_MTU, MIN_ATT_MTU, max_fragment_size
 
 __all__ = [
     "FIRST_HEADER_SIZE",
@@ -61,7 +62,7 @@ def _check_mtu(mtu: int) -> int:
     if not isinstance(mtu, int) or isinstance(mtu, bool) or not MIN_ATT_MTU <= mtu <= MAX_ATT_MTU:
         msg = f"ATT MTU must be an integer in {MIN_ATT_MTU}..{MAX_ATT_MTU}, got {mtu!r}"
         raise LocalProtocolError(ErrorCode.MALFORMED, msg)
-    return mtu - ATT_HEADER_SIZE
+    return max_fragment_size(mtu)
 
 
 def _as_bytes(value: object, what: str) -> bytes:
@@ -74,7 +75,7 @@ def _as_bytes(value: object, what: str) -> bytes:
 
 
 def fragment(message: bytes | bytearray | memoryview, mtu: int) -> list[bytes]:
-    """Cut ``message`` into fragments of at most ``mtu - ATT_HEADER_SIZE`` bytes each.
+    """Cut ``message`` into fragments of at most ``min(mtu - 3, 512)`` bytes each.
 
     Raises :class:`LocalProtocolError` with ``MALFORMED`` for an MTU outside 23..517 or a
     message that is not bytes, and with ``MESSAGE_TOO_LARGE`` for an empty message or one
@@ -121,7 +122,7 @@ class Reassembler:
         a continuation fragment with no message in progress; a fragment whose index is not
         the next one (a FIRST fragment must have index 0).
     ``FRAGMENT_OVERSIZED``
-        a fragment longer than ``mtu - ATT_HEADER_SIZE``; a declared length of 0 or over
+        a fragment longer than ``min(mtu - 3, 512)``; a declared length of 0 or over
         ``max_message_size`` (refused before anything is buffered); data beyond the
         declared length; a fragment without LAST that completes the declared length, since
         the sender announces more data than the message holds.

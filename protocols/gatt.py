@@ -22,3 +22,13 @@ ATT_HEADER_SIZE: Final = 3
 
 MIN_ATT_MTU: Final = 23
 MAX_ATT_MTU: Final = 517
+
+MAX_ATTRIBUTE_VALUE_SIZE: Final = 512
+"""Core spec Vol 3 Part F 3.2.9: an attribute value is at most 512 octets, whatever the MTU.
+With the largest MTU (517) a fragment is therefore 512 octets, not MTU - 3 = 514; servers
+reject longer writes with Invalid Attribute Value Length."""
+
+
+def max_fragment_size(mtu: int) -> int:
+    """The largest write or notification value at ``mtu``: ``min(mtu - 3, 512)``."""
+    return min(mtu - ATT_HEADER_SIZE, MAX_ATTRIBUTE_VALUE_SIZE)

@@ -14,7 +14,7 @@ from protocols.framing import (
     Reassembler,
     fragment,
 )
-from protocols.gatt import ATT_HEADER_SIZE, MAX_ATT_MTU, MIN_ATT_MTU
+from protocols.gatt import ATT_HEADER_SIZE, MAX_ATT_MTU, MIN_ATT_MTU, max_fragment_size
 
 FIRST = 0x80
 LAST = 0x40
@@ -24,12 +24,12 @@ mtus = st.integers(min_value=MIN_ATT_MTU, max_value=MAX_ATT_MTU)
 
 def first_room(mtu: int) -> int:
     """Data bytes in a FIRST fragment."""
-    return mtu - ATT_HEADER_SIZE - FIRST_HEADER_SIZE
+    return max_fragment_size(mtu) - FIRST_HEADER_SIZE
 
 
 def room(mtu: int) -> int:
     """Data bytes in any other fragment."""
-    return mtu - ATT_HEADER_SIZE - HEADER_SIZE
+    return max_fragment_size(mtu) - HEADER_SIZE
 
 
 def expected_count(size: int, mtu: int) -> int:
@@ -53,14 +53,14 @@ def check_layout(fragments: list[bytes], message: bytes, mtu: int) -> None:
     """Every fragment fits the MTU, has the right header and at least one data byte."""
     assert len(fragments) == expected_count(len(message), mtu)
     for position, piece in enumerate(fragments):
-        assert HEADER_SIZE < len(piece) <= mtu - ATT_HEADER_SIZE
+        assert HEADER_SIZE < len(piece) <= max_fragment_size(mtu)
         header = piece[0]
         assert bool(header & FIRST) == (position == 0)
         assert bool(header & LAST) == (position == len(fragments) - 1)
         assert header & 0x3F == position % 64
         if position < len(fragments) - 1:
             # Fragments are filled up, so a message takes as few writes as possible.
-            assert len(piece) == mtu - ATT_HEADER_SIZE
+            assert len(piece) == max_fragment_size(mtu)
     assert int.from_bytes(fragments[0][1:4], "big") == len(message)
     data = fragments[0][FIRST_HEADER_SIZE:] + b"".join(p[HEADER_SIZE:] for p in fragments[1:])
     assert data == message
