@@ -237,6 +237,8 @@ class Session:
         self.mode: SessionMode | None = None
         self.peer_device: DeviceHello | None = None
         self.peer_gateway: GatewayPeer | None = None
+        self.peer_static_key: bytes | None = None
+        """The peer's Noise static public key, once the handshake authenticated it."""
         self.error: ProtocolError | None = None
 
     @classmethod
@@ -494,6 +496,7 @@ class Session:
 
     def _complete(self, handshake: HandshakeState) -> None:
         assert self.mode is not None
+        self.peer_static_key = handshake.remote_static
         self._transport = handshake.transport()
         self._handshake = None
         self._events.append(

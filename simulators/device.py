@@ -332,11 +332,15 @@ class VirtualDevice:
         return Decommissioned(device_id=self.device_id)
 
     def factory_reset(self) -> None:
-        """Forget the trust anchor, lists and log; back in pairing mode with the label's code."""
+        """Forget the trust anchor and lists; back in pairing mode with the label's code.
+
+        The log chain continues rather than restarting at genesis: the device id stays the
+        same, and a second history under one id would collide with the first wherever it
+        was stored. Decommissioning collects the log first, so nothing is held back.
+        """
         self.authority_key = None
         self.site_id = 0
         self.access = AccessState()
-        self.log = DeviceLog(self.device_id, self.log.capacity)
         self._log(EventType.BOOT, Reason.POWER_ON)
 
     # -- what happens at the door ------------------------------------------------------------

@@ -65,6 +65,8 @@ def test_normal_session_authenticates_both_ends(world: World, mtu: int) -> None:
     # Only the device's first encrypted answer shows it accepted the certificate.
     assert gateway.state is SessionState.CONFIRMING
     assert device.state is SessionState.ESTABLISHED
+    assert gateway.peer_static_key == world.device.noise_public
+    assert device.peer_static_key == world.gateway_noise.public_key().public_bytes_raw()
 
 
 @pytest.mark.parametrize("mtu", [23, 185, 517])
