@@ -200,6 +200,10 @@ class BumbleLink(Link):
         if self._connected:
             self._queue.put_nowait(bytes(value))
 
+    def mark_down(self, reason: int) -> None:
+        """The connection is already gone although no disconnection event reached us."""
+        self._on_disconnection(reason)
+
     def _on_disconnection(self, reason: int = 0) -> None:
         if not self._connected:
             return
@@ -549,6 +553,10 @@ class BumbleRadio(Radio):
                 connection = await self._create_connection(device, peer_address, deadline)
                 link = BumbleLink(connection, on_down=self._links.discard)
                 self._links.add(link)
+                if device.connections.get(connection.handle) is not connection:
+                    # Dropped between the connection event and our subscribing to its
+                    # disconnection (seen over HCI/TCP): the event is gone, so say it here.
+                    link.mark_down(hci.HCI_ErrorCode.CONNECTION_TERMINATED_BY_LOCAL_HOST_ERROR)
                 await link.set_up(mtu)
             established = True
         except RadioDisconnectedError as exc:
