@@ -28,6 +28,9 @@ DEFAULT_REQUEST_TIMEOUT: Final = 15.0
 """Seconds to wait for the handshake or for one response; a log batch of 1,000 records
 at MTU 23 is some 1,700 notifications, which a slow link delivers in a few seconds."""
 
+READER_STOP_TIMEOUT: Final = 1.0
+"""Seconds close() gives the notification reader to stop before it disconnects anyway."""
+
 _M = TypeVar("_M", bound=Message)
 
 
@@ -118,12 +121,18 @@ class DeviceSession:
         return response
 
     async def close(self) -> None:
-        """End the session and drop the link."""
+        """End the session and drop the link.
+
+        The reader is cancelled but not waited on without bound: a link that drops in the
+        same moment can wake it with the drop instead of the cancellation, and the caller's
+        own cancellation (a scheduler shutting down) must never be held up or swallowed.
+        Disconnecting wakes any reader still waiting.
+        """
         self.session.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        reader, self._reader = self._reader, None
+        if reader is not None and not reader.done():
+            reader.cancel()
+            await asyncio.wait({reader}, timeout=READER_STOP_TIMEOUT)
         with contextlib.suppress(RadioError):
             await self.link.disconnect()
 
@@ -185,8 +194,16 @@ class DeviceSession:
         for future in pending:
             if not future.done():
                 future.set_exception(self._failure)
+                # A caller may have stopped waiting (a timeout, a shutdown); the error is
+                # also raised by the next request, so an unawaited copy is not news.
+                future.add_done_callback(_observe)
         self._responses.clear()
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
             raise self._failure
+
+
+def _observe(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
