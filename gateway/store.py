@@ -182,7 +182,17 @@ CREATE TABLE kv (
 ) STRICT;
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (_MIGRATION_1,)
+_MIGRATION_2: Final = """
+-- The jti of every signed registry command accepted, until the command has expired (plus
+-- the clock skew allowed), so that a replayed command is refused across restarts too.
+CREATE TABLE seen_commands (
+    jti        TEXT NOT NULL PRIMARY KEY CHECK (jti <> ''),
+    expires_at REAL NOT NULL
+) STRICT;
+CREATE INDEX seen_commands_expiry ON seen_commands (expires_at);
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (_MIGRATION_1, _MIGRATION_2)
 """Migration scripts; ``MIGRATIONS[n]`` takes the schema from version n to n + 1.
 
 Append only: a released step is never edited, because databases in the field have run
@@ -1207,6 +1217,33 @@ class Store:
                 (older_than,),
             )
         return int(deleted)
+
+    # --------------------------------------------------------------- replay protection
+
+    def remember_command(self, jti: str, expires_at: float, now: float) -> bool:
+        """Record that the command ``jti`` was seen; False if it was seen already.
+
+        The jti is kept until ``expires_at`` (unix time): a command is refused as expired
+        after that anyway, so the table holds only commands still within their lifetime.
+        Entries whose ``expires_at`` is at or before ``now`` are deleted in the same
+        transaction, which keeps the table small without a separate clean-up job.
+        """
+        if not isinstance(jti, str) or not jti:
+            msg = f"a command jti must be a non-empty string, got {jti!r}"
+            raise StoreError(msg)
+        for value, what in ((expires_at, "expires_at"), (now, "now")):
+            # bool is an int subclass; True as a time is a bug, not a value.
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                msg = f"{what} must be a number, got {value!r}"
+                raise StoreError(msg)
+        with self._write("remember_command") as conn:
+            conn.execute("DELETE FROM seen_commands WHERE expires_at <= ?", (now,))
+            cursor = conn.execute(
+                "INSERT INTO seen_commands (jti, expires_at) VALUES (?, ?) "
+                "ON CONFLICT (jti) DO NOTHING",
+                (jti, float(expires_at)),
+            )
+            return cursor.rowcount == 1
 
     # ----------------------------------------------------------------------------- kv
 

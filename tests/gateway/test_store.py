@@ -166,6 +166,7 @@ def test_fresh_database_gets_the_latest_schema(db_path: Path) -> None:
         "updates",
         "propagation",
         "kv",
+        "seen_commands",
     } <= tables
 
 
@@ -195,7 +196,8 @@ def test_a_newer_schema_is_refused(db_path: Path) -> None:
     conn = raw_connection(db_path)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(StoreError, match=r"schema version 2, newer than the 1"):
+    expected = f"schema version {SCHEMA_VERSION + 1}, newer than the {SCHEMA_VERSION}"
+    with pytest.raises(StoreError, match=expected):
         Store.open(db_path)
 
 
@@ -706,6 +708,81 @@ def test_kv_round_trip(store: Store) -> None:
     assert store.kv_get("nonce") == (42).to_bytes(8, "big")
     with pytest.raises(StoreError, match="cannot store TEXT value in BLOB column"):
         store.kv_set("nonce", "42")  # type: ignore[arg-type]  # STRICT tables refuse wrong types
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_data(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+        patch.setattr(store_module, "SCHEMA_VERSION", 1)
+        with Store.open(db_path) as old:
+            old.upsert_device(device_record())
+            old.kv_set("nonce", b"\x07")
+    with Store.open(db_path) as store:
+        assert store.get_device(DEVICE_ID) == device_record()
+        assert store.kv_get("nonce") == b"\x07"
+        assert store.remember_command("a" * 16, NOW + 300, NOW)
+        assert store.integrity_check() == []
+    conn = raw_connection(db_path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        conn.close()
+
+
+def test_a_command_is_remembered_once(store: Store) -> None:
+    assert store.remember_command("jti-0123456789ab", NOW + 300, NOW)
+    assert not store.remember_command("jti-0123456789ab", NOW + 300, NOW + 1)
+    # Another jti is independent.
+    assert store.remember_command("jti-ba9876543210", NOW + 300, NOW + 1)
+
+
+def test_a_remembered_command_survives_a_restart(db_path: Path) -> None:
+    with Store.open(db_path) as store:
+        assert store.remember_command("jti-0123456789ab", NOW + 300, NOW)
+    with Store.open(db_path) as store:
+        assert not store.remember_command("jti-0123456789ab", NOW + 300, NOW + 10)
+
+
+def test_expired_commands_are_pruned(store: Store, db_path: Path) -> None:
+    for number in range(5):
+        assert store.remember_command(f"jti-old-{number:08d}", NOW + 10, NOW)
+    assert store.remember_command("jti-long-lived-0001", NOW + 300, NOW)
+    assert seen_count(db_path) == 6
+    # At NOW + 10 the short-lived ones are at their expiry and go; the new one is stored.
+    assert store.remember_command("jti-new-000000001", NOW + 310, NOW + 10)
+    assert seen_count(db_path) == 2
+    # A pruned jti is accepted again: the command it belonged to has expired by now, so
+    # the verifier refuses it as expired before it ever asks the store.
+    assert store.remember_command("jti-old-00000000", NOW + 20, NOW + 11)
+
+
+@pytest.mark.parametrize(
+    ("jti", "expires_at", "now"),
+    [
+        ("", NOW, NOW),
+        (None, NOW, NOW),
+        (b"jti-0123456789ab", NOW, NOW),
+        ("jti-0123456789ab", "soon", NOW),
+        ("jti-0123456789ab", True, NOW),
+        ("jti-0123456789ab", NOW, None),
+    ],
+)
+def test_remember_command_refuses_bad_arguments(
+    store: Store, jti: object, expires_at: object, now: object
+) -> None:
+    with pytest.raises(StoreError):
+        store.remember_command(jti, expires_at, now)  # type: ignore[arg-type]  # bad on purpose
+
+
+def seen_count(path: Path) -> int:
+    conn = raw_connection(path)
+    try:
+        (count,) = conn.execute("SELECT count(*) FROM seen_commands").fetchone()
+    finally:
+        conn.close()
+    return int(count)
 
 
 def test_integrity_check_reports_broken_foreign_keys(store: Store) -> None:

@@ -1,0 +1,848 @@
+"""Signed registry commands: JWS (RFC 7515) with EdDSA over Ed25519 (RFC 8037).
+
+The registry sends commands to gateways over MQTT. The broker is not trusted to tell
+who sent a message, so every command carries its own proof: a JWS compact serialization
+whose protected header holds the registry's certificate (``lgc``, issued by the
+organisation's authority, see :mod:`protocols.envelopes`) and whose signature is made
+with that certificate's key. A gateway holding only the authority's public key verifies
+a command completely offline.
+
+:meth:`CommandVerifier.verify` checks, in this order, and raises a typed
+:class:`CommandError` at the first failure; nothing is executed unless every check
+passed (docs/mqtt-api.md, "Commands"):
+
+1. ``too_large``: more than :data:`MAX_COMMAND_SIZE` bytes;
+2. ``malformed``: not a JWS compact serialization;
+3. ``bad_algorithm``: ``alg`` is not ``EdDSA`` (``none``, HMAC and the rest are refused
+   before anything else is looked at);
+4. ``malformed``: protected header other than exactly ``alg``, ``typ``
+   (``lockgw-command+jws``) and ``lgc``;
+5. ``untrusted_certificate``: ``lgc`` is not a certificate issued by the authority with
+   role REGISTRY and valid now (the message names the protocol's code, e.g.
+   ``CERT_EXPIRED``);
+6. ``bad_signature``: the certificate's key did not sign this header and these claims;
+7. ``malformed``: the claims are not the JSON object of :class:`CommandClaims`;
+8. ``wrong_gateway``: addressed to another gateway (on the fleet topic: not ``"*"``);
+9. ``not_yet_valid`` / ``expired`` / ``malformed``: ``iat`` more than the allowed skew in
+   the future, ``exp`` reached, or a lifetime above :data:`MAX_COMMAND_LIFETIME`;
+10. ``replayed``: the ``jti`` was seen before (durably remembered until ``exp``);
+11. ``unknown_op``;
+12. ``bad_args``: the arguments do not validate into the operation's model;
+13. ``out_of_scope``: a fleet or site target the registry's certificate does not cover
+    (device targets are checked by the handler, which knows each device's site, with
+    :meth:`Command.covers`).
+
+The signature is checked before any claim is believed, so a forger learns nothing about
+which claim would have passed; the jti is remembered only for commands whose signature
+verified, so an unauthenticated sender cannot fill the store.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import math
+import re
+import time
+import unicodedata
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, Literal, Self
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from joserfc import jws
+from joserfc.errors import InvalidKeyTypeError, JoseError
+from joserfc.jwa import JWSAlgModel
+from joserfc.jwk import OKPKey
+from joserfc.registry import HeaderParameter
+from joserfc.util import urlsafe_b64decode, urlsafe_b64encode
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from protocols.envelopes import (
+    MAX_ACCESS_ENTRIES,
+    MAX_CERTIFICATE_SIZE,
+    MAX_REMOVED_KEYS,
+    MAX_REVOCATIONS,
+    MAX_WINDOWS,
+    MINUTES_PER_DAY,
+    AccessEntry,
+    AuthorisationUpdate,
+    Certificate,
+    RevocationEntry,
+    Role,
+    ScheduleWindow,
+    Scope,
+    Target,
+    UpdateKind,
+    decode_certificate,
+    verify_certificate,
+)
+from protocols.errors import ProtocolError
+
+__all__ = [
+    "ALGORITHM",
+    "COMMAND_TYPE",
+    "MAX_COMMAND_LIFETIME",
+    "MAX_COMMAND_SIZE",
+    "OPERATIONS",
+    "AccessEntryArgs",
+    "Command",
+    "CommandArgs",
+    "CommandClaims",
+    "CommandError",
+    "CommandVerifier",
+    "DecommissionArgs",
+    "ErrorCode",
+    "GetStateArgs",
+    "PullLogsArgs",
+    "RegisterArgs",
+    "RevocationArgs",
+    "RevokeArgs",
+    "SetAccessArgs",
+    "TargetArgs",
+    "TimeSyncArgs",
+    "WindowArgs",
+    "readable_id",
+    "sign_command",
+]
+
+MAX_COMMAND_SIZE: Final = 64 * 1024
+"""Largest command payload accepted, in bytes, before anything is parsed."""
+
+MAX_COMMAND_LIFETIME: Final = 300
+"""Largest ``exp - iat`` accepted, in seconds: a captured command is useful only briefly,
+and the replay store needs to hold a jti only this long (plus the skew)."""
+
+DEFAULT_MAX_SKEW: Final = 30
+"""Seconds the registry's clock may run ahead of the gateway's."""
+
+ALGORITHM: Final = "EdDSA"
+COMMAND_TYPE: Final = "lockgw-command+jws"
+CERTIFICATE_HEADER: Final = "lgc"
+_HEADER_KEYS: Final = frozenset({"alg", "typ", CERTIFICATE_HEADER})
+
+_MAX_HEADER_SEGMENT: Final = 8192
+"""The header carries a whole certificate (up to 3248 bytes, base64url twice over)."""
+
+_ID_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]{1,64}$"
+"""1..64 characters, no control characters (C0, DEL, C1): ids end up in logs."""
+_JTI_PATTERN: Final = r"^[\x21-\x7e]{16,64}$"
+_OP_PATTERN: Final = r"^[a-z][a-z_]{0,31}$"
+_CODE_PATTERN: Final = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+_U32_MAX: Final = 0xFFFF_FFFF
+
+
+class ErrorCode:
+    """The error codes of command responses (docs/mqtt-api.md, "Error codes").
+
+    Handlers may raise :class:`CommandError` with codes of their own (``not_found``,
+    ``device_error``, ...); these are the ones the verifier and the bridge use.
+    """
+
+    TOO_LARGE: Final = "too_large"
+    MALFORMED: Final = "malformed"
+    BAD_ALGORITHM: Final = "bad_algorithm"
+    UNTRUSTED_CERTIFICATE: Final = "untrusted_certificate"
+    BAD_SIGNATURE: Final = "bad_signature"
+    WRONG_GATEWAY: Final = "wrong_gateway"
+    NOT_YET_VALID: Final = "not_yet_valid"
+    EXPIRED: Final = "expired"
+    REPLAYED: Final = "replayed"
+    UNKNOWN_OP: Final = "unknown_op"
+    BAD_ARGS: Final = "bad_args"
+    OUT_OF_SCOPE: Final = "out_of_scope"
+    TIMEOUT: Final = "timeout"
+    BUSY: Final = "busy"
+    INTERNAL: Final = "internal"
+
+
+class CommandError(Exception):
+    """A command refused (by the verifier) or failed (in its handler), with a typed code.
+
+    ``code`` is short snake case (``[a-z][a-z0-9_]*``, at most 40 characters); it goes
+    into the response and the metrics. ``message`` is for people and must never hold key
+    material or the payload. The verifier fills ``command_id`` and ``op`` when it could
+    read them (even from a command it refuses), so the response can be correlated.
+    """
+
+    def __init__(
+        self, code: str, message: str, *, command_id: str | None = None, op: str | None = None
+    ) -> None:
+        if not _CODE_PATTERN.fullmatch(code):
+            msg = f"error codes are snake case of at most 40 characters, got {code!r}"
+            raise ValueError(msg)
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.command_id = command_id
+        self.op = op
+
+    def __repr__(self) -> str:
+        """Code and message, for logs."""
+        return f"CommandError({self.code!r}, {self.message!r})"
+
+
+# -------------------------------------------------------------------------------- models
+
+U32 = Annotated[int, Field(ge=0, le=_U32_MAX)]
+"""Unix seconds, versions and site ids: unsigned 32-bit, as on the device wire."""
+Version = Annotated[int, Field(ge=1, le=_U32_MAX)]
+KeyId = Annotated[int, Field(ge=1, le=_U32_MAX)]
+"""A staff key id: u32, 0 means "no key" on the wire and is never valid here."""
+DeviceId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+"""Eight bytes as sixteen lower-case hex digits (the form of topics and payloads)."""
+UpdateId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+"""Becomes a topic level (``updates/{update_id}/progress``): no ``/``, ``+``, ``#``."""
+Text = Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,200}$")]
+"""Free text for people (work orders, reasons): no control characters for logs."""
+HourMinute = Annotated[str, Field(pattern=r"^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
+Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+DAYS: Final[tuple[Day, ...]] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class _Strict(BaseModel):
+    """Strict, closed, immutable: no coercion ("1" is not 1), no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class TargetArgs(_Strict):
+    """Which devices an update is for; a site names ``site_id``, a device ``device_id``."""
+
+    kind: Literal["fleet", "site", "device"]
+    site_id: U32 | None = None
+    device_id: DeviceId | None = None
+
+    @model_validator(mode="after")
+    def _one_meaning(self) -> Self:
+        if self.kind == "site" and (self.site_id is None or self.device_id is not None):
+            msg = "a site target names site_id and nothing else"
+            raise ValueError(msg)
+        if self.kind == "device" and (self.device_id is None or self.site_id is not None):
+            msg = "a device target names device_id and nothing else"
+            raise ValueError(msg)
+        if self.kind == "fleet" and (self.site_id is not None or self.device_id is not None):
+            msg = "a fleet target names no site or device"
+            raise ValueError(msg)
+        return self
+
+    def to_target(self) -> Target:
+        """The protocol's :class:`~protocols.envelopes.Target`."""
+        if self.kind == "device":
+            assert self.device_id is not None  # checked by the validator
+            return Target.device(bytes.fromhex(self.device_id))
+        if self.kind == "site":
+            assert self.site_id is not None  # checked by the validator
+            return Target.site(self.site_id)
+        return Target.fleet()
+
+
+class RevocationArgs(_Strict):
+    key_id: KeyId
+    prune_after: U32
+
+
+class RevokeArgs(_Strict):
+    """Replace the revocation list of the target's devices."""
+
+    update_id: UpdateId
+    version: Version
+    revocations: Annotated[tuple[RevocationArgs, ...], Field(max_length=MAX_REVOCATIONS)]
+    target: TargetArgs
+    expires_at: U32
+
+    def to_update(self, issued_at: int) -> AuthorisationUpdate:
+        """The update for devices (raises ``LocalProtocolError`` if it cannot be one)."""
+        return AuthorisationUpdate(
+            kind=UpdateKind.REVOCATION,
+            target=self.target.to_target(),
+            version=self.version,
+            base_version=0,
+            issued_at=issued_at,
+            expires_at=self.expires_at,
+            revocations=tuple(
+                RevocationEntry(key_id=entry.key_id, prune_after=entry.prune_after)
+                for entry in self.revocations
+            ),
+        )
+
+
+class WindowArgs(_Strict):
+    """Local times a key may open: on ``days``, from ``start`` to ``end`` (HH:MM)."""
+
+    days: Annotated[tuple[Day, ...], Field(min_length=1, max_length=7)]
+    start: HourMinute
+    end: HourMinute
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if len(set(self.days)) != len(self.days):
+            msg = "days repeat"
+            raise ValueError(msg)
+        if _minutes(self.start) >= _minutes(self.end):
+            msg = "start must be before end (split windows that cross midnight)"
+            raise ValueError(msg)
+        return self
+
+    def to_window(self) -> ScheduleWindow:
+        """The protocol's window: a day bitmask (bit 0 Monday) and minutes of the day."""
+        mask = 0
+        for day in self.days:
+            mask |= 1 << DAYS.index(day)
+        return ScheduleWindow(
+            days=mask, start_minute=_minutes(self.start), end_minute=_minutes(self.end)
+        )
+
+
+class AccessEntryArgs(_Strict):
+    key_id: KeyId
+    valid_from: U32
+    valid_until: U32
+    windows: Annotated[tuple[WindowArgs, ...], Field(min_length=1, max_length=MAX_WINDOWS)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.valid_from >= self.valid_until:
+            msg = "valid_from must be before valid_until"
+            raise ValueError(msg)
+        return self
+
+
+class SetAccessArgs(_Strict):
+    """Replace (``full``) or change (``delta`` on ``base_version``) an access list."""
+
+    update_id: UpdateId
+    target: TargetArgs
+    mode: Literal["full", "delta"]
+    version: Version
+    base_version: U32
+    entries: Annotated[tuple[AccessEntryArgs, ...], Field(max_length=MAX_ACCESS_ENTRIES)]
+    removed: Annotated[tuple[KeyId, ...], Field(max_length=MAX_REMOVED_KEYS)]
+    expires_at: U32
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.target.kind == "fleet":
+            msg = "access lists are for a site or a device, never the fleet"
+            raise ValueError(msg)
+        if self.mode == "full" and (self.base_version != 0 or self.removed):
+            msg = "a full list has base_version 0 and removes nothing"
+            raise ValueError(msg)
+        if self.mode == "delta" and self.base_version >= self.version:
+            msg = "a delta's version must be above its base_version"
+            raise ValueError(msg)
+        return self
+
+    def to_update(self, issued_at: int) -> AuthorisationUpdate:
+        """The update for devices (raises ``LocalProtocolError`` if it cannot be one)."""
+        return AuthorisationUpdate(
+            kind=UpdateKind.ACCESS_FULL if self.mode == "full" else UpdateKind.ACCESS_DELTA,
+            target=self.target.to_target(),
+            version=self.version,
+            base_version=self.base_version,
+            issued_at=issued_at,
+            expires_at=self.expires_at,
+            access=tuple(
+                AccessEntry(
+                    key_id=entry.key_id,
+                    valid_from=entry.valid_from,
+                    valid_until=entry.valid_until,
+                    windows=tuple(window.to_window() for window in entry.windows),
+                )
+                for entry in self.entries
+            ),
+            removed_keys=self.removed,
+        )
+
+
+class PullLogsArgs(_Strict):
+    """The device's log records with times ``from`` to ``to`` (unix seconds, inclusive)."""
+
+    device_id: DeviceId
+    time_from: U32 = Field(alias="from")
+    time_to: U32 = Field(alias="to")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.time_from > self.time_to:
+            msg = "from must not be after to"
+            raise ValueError(msg)
+        return self
+
+
+class TimeSyncArgs(_Strict):
+    """Set the clock of one device, or (``null``) of every device in scope."""
+
+    device_id: DeviceId | None
+
+
+class GetStateArgs(_Strict):
+    """Report the state of one device, or (``null``) of every device."""
+
+    device_id: DeviceId | None
+
+
+class RegisterArgs(_Strict):
+    """The registry confirms a pairing made on site."""
+
+    device_id: DeviceId
+    work_order: Text
+    consent_reference: Text
+
+
+class DecommissionArgs(_Strict):
+    """Take a device out of service; ``force`` even when it cannot be reached."""
+
+    device_id: DeviceId
+    reason: Text
+    force: bool
+
+
+CommandArgs = (
+    RevokeArgs
+    | SetAccessArgs
+    | PullLogsArgs
+    | TimeSyncArgs
+    | GetStateArgs
+    | RegisterArgs
+    | DecommissionArgs
+)
+"""The arguments of any operation; match on the type."""
+
+OPERATIONS: Final[Mapping[str, type[CommandArgs]]] = {
+    "revoke": RevokeArgs,
+    "set_access": SetAccessArgs,
+    "pull_logs": PullLogsArgs,
+    "time_sync": TimeSyncArgs,
+    "get_state": GetStateArgs,
+    "register": RegisterArgs,
+    "decommission": DecommissionArgs,
+}
+"""Every operation the gateway knows, with the model its ``args`` must validate into."""
+
+
+class CommandClaims(_Strict):
+    """The signed claims of a command (docs/schemas/command-claims.json)."""
+
+    id: Annotated[str, Field(pattern=_ID_PATTERN)]
+    op: Annotated[str, Field(pattern=_OP_PATTERN)]
+    gateway: Annotated[str, Field(min_length=1, max_length=64)]
+    iat: U32
+    exp: U32
+    jti: Annotated[str, Field(pattern=_JTI_PATTERN)]
+    args: dict[str, Any]
+
+
+def _minutes(text: str) -> int:
+    hours, minutes = text.split(":")
+    value = int(hours) * 60 + int(minutes)
+    assert value <= MINUTES_PER_DAY  # the pattern admits 00:00..24:00 only
+    return value
+
+
+# ------------------------------------------------------------------------------ command
+
+
+@dataclass(frozen=True)
+class Command:
+    """A verified command: every check of :meth:`CommandVerifier.verify` passed.
+
+    ``issued_at`` and ``expires_at`` are the claims ``iat`` and ``exp``. ``args`` is the
+    operation's model. ``update`` is the signed-update body for ``revoke`` and
+    ``set_access`` (issued at ``min(iat, now)``, so registry clock skew never makes it
+    not-yet-valid on devices), None for other operations. ``registry_subject`` and
+    ``registry_scope`` come from the registry certificate that signed the command.
+    """
+
+    id: str
+    op: str
+    gateway: str
+    issued_at: int
+    expires_at: int
+    jti: str
+    args: CommandArgs
+    registry_subject: str
+    registry_scope: Scope
+    update: AuthorisationUpdate | None = None
+
+    def covers(self, device_id: bytes, site_id: int) -> bool:
+        """Whether the signing registry may act on this device (handlers must check)."""
+        return self.registry_scope.covers(device_id, site_id)
+
+
+# ----------------------------------------------------------------------------- JOSE glue
+
+
+class _Ed25519Algorithm(JWSAlgModel):
+    """``EdDSA`` (RFC 8037) restricted to Ed25519 keys.
+
+    joserfc's own ``EdDSA`` model emits a deprecation warning on every use, because RFC
+    9864 deprecates the name for not saying which curve signs. Here the curve is fixed:
+    certificates carry 32-byte Ed25519 keys only, and :meth:`check_key` refuses any
+    other key, which is what the fully specified name ``Ed25519`` would add.
+    """
+
+    name = ALGORITHM
+    description = "EdDSA with Ed25519 only"
+    key_type = "OKP"
+
+    def check_key(self, key: Any) -> None:
+        """Refuse keys other than OKP Ed25519, then joserfc's usual checks."""
+        if not isinstance(key, OKPKey) or key.curve_name != "Ed25519":
+            msg = "commands are signed with Ed25519 keys only"
+            raise InvalidKeyTypeError(msg)
+        super().check_key(key)
+
+    def sign(self, msg: bytes, key: Any) -> bytes:
+        """The Ed25519 signature of ``msg``."""
+        self.check_key(key)
+        private = key.get_op_key("sign")
+        if not isinstance(private, Ed25519PrivateKey):
+            error = "signing needs an Ed25519 private key"
+            raise InvalidKeyTypeError(error)
+        return private.sign(msg)
+
+    def verify(self, msg: bytes, sig: bytes, key: Any) -> bool:
+        """Whether ``sig`` is a valid Ed25519 signature of ``msg``."""
+        self.check_key(key)
+        public = key.get_op_key("verify")
+        if not isinstance(public, Ed25519PublicKey):
+            return False
+        try:
+            public.verify(sig, msg)
+        except InvalidSignature:
+            return False
+        return True
+
+
+class _CommandRegistry(jws.JWSRegistry):
+    """A registry that knows one algorithm, so no other can ever be selected.
+
+    joserfc keeps algorithms in a class-level dictionary shared by every registry; this
+    subclass has its own, so registering here changes nothing elsewhere.
+    """
+
+    algorithms: dict[str, JWSAlgModel] = {ALGORITHM: _Ed25519Algorithm()}  # noqa: RUF012 - joserfc's class-level registry, read only after this
+    recommended: list[str] = []  # noqa: RUF012 - as above
+    max_header_length = _MAX_HEADER_SEGMENT
+    max_payload_length = MAX_COMMAND_SIZE
+
+
+_REGISTRY: Final = _CommandRegistry(
+    header_registry={
+        CERTIFICATE_HEADER: HeaderParameter("lockgw registry certificate", "str", required=True)
+    },
+    algorithms=[ALGORITHM],
+    strict_check_header=True,
+)
+
+
+def sign_command(
+    registry_key: Ed25519PrivateKey, registry_certificate: bytes, claims: Mapping[str, Any]
+) -> bytes:
+    """Sign ``claims`` as a command of the registry holding ``registry_key``.
+
+    ``registry_certificate`` is the encoded certificate of that key (role REGISTRY).
+    The claims are serialized as given (compact JSON), without validation, so that tests
+    can sign deliberately bad commands; the registry validates before it signs. Returns
+    the JWS compact serialization as UTF-8 bytes, the MQTT payload.
+    """
+    header = {
+        "alg": ALGORITHM,
+        "typ": COMMAND_TYPE,
+        CERTIFICATE_HEADER: urlsafe_b64encode(registry_certificate).decode("ascii"),
+    }
+    payload = json.dumps(dict(claims), separators=(",", ":"), ensure_ascii=False)
+    token = jws.serialize_compact(
+        header, payload.encode("utf-8"), OKPKey(registry_key, registry_key), registry=_REGISTRY
+    )
+    return token.encode("ascii")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two parsers reading {"gateway": "a", "gateway": "b"} differently is a classic way to
+    # make a signer and a verifier disagree about what was signed.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            msg = f"duplicate key {key!r}"
+            raise ValueError(msg)
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    msg = f"{name} is not JSON"
+    raise ValueError(msg)
+
+
+def _load_json(data: bytes) -> Any:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity. Raises ValueError."""
+    try:
+        return json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_reject_duplicate_keys,
+            parse_constant=_reject_constant,
+        )
+    except RecursionError as exc:  # deeply nested arrays
+        msg = "JSON nested too deeply"
+        raise ValueError(msg) from exc
+
+
+def readable_id(value: object) -> str | None:
+    """``value`` if it can be echoed as a correlation id (1..64 chars, no controls)."""
+    if (
+        isinstance(value, str)
+        and 1 <= len(value) <= 64
+        and not any(unicodedata.category(ch) == "Cc" for ch in value)
+    ):
+        return value
+    return None
+
+
+def _readable_op(value: object) -> str | None:
+    if isinstance(value, str) and re.fullmatch(_OP_PATTERN, value):
+        return value
+    return None
+
+
+def _first_error(exc: ValidationError, prefix: str) -> str:
+    """The first validation error, naming the field, e.g. ``args.target.device_id: ...``."""
+    errors = exc.errors(include_url=False, include_input=False)
+    if not errors:
+        return f"{prefix}: invalid"
+    first = errors[0]
+    where = ".".join(str(part) for part in (prefix, *first["loc"]))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+# ------------------------------------------------------------------------------ verifier
+
+
+class CommandVerifier:
+    """Checks commands for one gateway; see the module documentation for the order.
+
+    ``remember(jti, expires_at, now)`` must durably record a jti and return False if it
+    was recorded before (:meth:`gateway.store.Store.remember_command`, run through the
+    store's worker); it is called only for commands whose signature verified. ``clock``
+    returns unix time; ``max_skew`` is how far (seconds) ``iat`` may lie in the future.
+    """
+
+    def __init__(
+        self,
+        authority_key: Ed25519PublicKey,
+        gateway_id: str,
+        remember: Callable[[str, float, float], Awaitable[bool]],
+        clock: Callable[[], float] = time.time,
+        max_skew: int = DEFAULT_MAX_SKEW,
+    ) -> None:
+        if not gateway_id or gateway_id == "*":
+            msg = f"not a gateway id: {gateway_id!r}"
+            raise ValueError(msg)
+        self._authority_key = authority_key
+        self._gateway_id = gateway_id
+        self._remember = remember
+        self._clock = clock
+        self._max_skew = max_skew
+
+    async def verify(self, payload: bytes, *, fleet: bool) -> Command:
+        """The verified command, or :class:`CommandError` with the first failed check.
+
+        ``fleet`` says the payload arrived on the organisation-wide topic, where only
+        commands addressed to ``"*"`` are accepted.
+        """
+        now = self._clock()
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise CommandError(ErrorCode.MALFORMED, "payload is not bytes")
+        payload = bytes(payload)
+        if len(payload) > MAX_COMMAND_SIZE:
+            msg = f"payload of {len(payload)} bytes exceeds {MAX_COMMAND_SIZE}"
+            raise CommandError(ErrorCode.TOO_LARGE, msg)
+        token = _parse(payload)
+        # Until the signature has verified, refusals carry the id and op the (untrusted)
+        # claims name, if readable, so that the registry can match the response.
+        unverified = _peek_claims(token.payload)
+        refuse = _Refuser(readable_id(unverified.get("id")), _readable_op(unverified.get("op")))
+
+        _check_header(token.headers(), refuse)
+        certificate = self._certificate(token.headers().get(CERTIFICATE_HEADER), now, refuse)
+        _check_signature(token, certificate, refuse)
+
+        claims = _claims(token.payload, refuse)
+        refuse = _Refuser(claims.id, claims.op)  # signed from here on
+        self._check_claims(claims, now, fleet=fleet, refuse=refuse)
+        # Kept past exp by the skew, so that a clock stepped back cannot reopen the window.
+        if not await self._remember(claims.jti, float(claims.exp + self._max_skew), now):
+            raise refuse(ErrorCode.REPLAYED, "jti seen before")
+
+        args, update = _arguments(claims, issued_at=min(claims.iat, math.floor(now)), refuse=refuse)
+        if isinstance(args, RevokeArgs | SetAccessArgs):
+            _check_target_scope(args.target, certificate.scope, refuse)
+        return Command(
+            id=claims.id,
+            op=claims.op,
+            gateway=claims.gateway,
+            issued_at=claims.iat,
+            expires_at=claims.exp,
+            jti=claims.jti,
+            args=args,
+            registry_subject=certificate.subject,
+            registry_scope=certificate.scope,
+            update=update,
+        )
+
+    def _check_claims(
+        self, claims: CommandClaims, now: float, *, fleet: bool, refuse: _Refuser
+    ) -> None:
+        """Address and time: ``wrong_gateway``, ``not_yet_valid``, ``expired``, lifetime."""
+        if fleet and claims.gateway != "*":
+            raise refuse(ErrorCode.WRONG_GATEWAY, "fleet commands are addressed to '*'")
+        if claims.gateway not in ("*", self._gateway_id):
+            raise refuse(ErrorCode.WRONG_GATEWAY, "addressed to another gateway")
+        if claims.iat > now + self._max_skew:
+            raise refuse(ErrorCode.NOT_YET_VALID, "iat is in the future")
+        if now >= claims.exp:
+            raise refuse(ErrorCode.EXPIRED, "command expired")
+        if claims.exp <= claims.iat or claims.exp - claims.iat > MAX_COMMAND_LIFETIME:
+            msg = f"lifetime exp - iat must be 1..{MAX_COMMAND_LIFETIME} s"
+            raise refuse(ErrorCode.MALFORMED, msg)
+
+    def _certificate(self, encoded: object, now: float, refuse: _Refuser) -> Certificate:
+        code = ErrorCode.UNTRUSTED_CERTIFICATE
+        if not isinstance(encoded, str) or not encoded:
+            raise refuse(ErrorCode.MALFORMED, f"header {CERTIFICATE_HEADER} must be a string")
+        if len(encoded) > (MAX_CERTIFICATE_SIZE * 4 + 2) // 3:
+            raise refuse(code, "CERT_MALFORMED: certificate too large")
+        try:
+            raw = urlsafe_b64decode(encoded.encode("ascii"))
+        except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
+            raise refuse(code, "CERT_MALFORMED: not base64url") from exc
+        try:
+            certificate = decode_certificate(raw)
+            verify_certificate(
+                certificate, self._authority_key, role=Role.REGISTRY, now=math.floor(now)
+            )
+        except ProtocolError as exc:
+            raise refuse(code, f"{exc.code.name}: {exc.message}") from exc
+        return certificate
+
+
+@dataclass(frozen=True)
+class _Refuser:
+    """Makes refusals that carry the correlation id and op known so far."""
+
+    command_id: str | None
+    op: str | None
+
+    def __call__(self, code: str, message: str) -> CommandError:
+        return CommandError(code, message, command_id=self.command_id, op=self.op)
+
+
+def _check_header(header: Mapping[str, Any], refuse: _Refuser) -> None:
+    """``bad_algorithm`` unless EdDSA; ``malformed`` unless exactly alg, typ and lgc."""
+    algorithm = header.get("alg")
+    if algorithm != ALGORITHM:
+        shown = algorithm[:20] if isinstance(algorithm, str) else type(algorithm).__name__
+        raise refuse(ErrorCode.BAD_ALGORITHM, f"algorithm {shown!r} is not {ALGORITHM}")
+    extra = set(header) - _HEADER_KEYS
+    if extra:
+        # crit, b64 (unencoded payloads), jwk, jku, kid...: none has a meaning here, and
+        # a key named by the sender itself must never be used.
+        names = sorted(str(name)[:20] for name in extra)[:5]
+        raise refuse(ErrorCode.MALFORMED, f"unexpected header parameters {names}")
+    if header.get("typ") != COMMAND_TYPE:
+        raise refuse(ErrorCode.MALFORMED, f"header typ must be {COMMAND_TYPE}")
+
+
+def _check_signature(
+    token: jws.CompactSignature, certificate: Certificate, refuse: _Refuser
+) -> None:
+    """``bad_signature`` unless the certificate's key signed header and claims."""
+    try:
+        public = certificate.public_signing_key()
+        valid = jws.validate_compact(token, OKPKey(public, public), registry=_REGISTRY)
+    except (JoseError, ProtocolError, ValueError) as exc:
+        raise refuse(ErrorCode.BAD_SIGNATURE, "signature cannot be checked") from exc
+    if not valid:
+        raise refuse(ErrorCode.BAD_SIGNATURE, "signature does not verify")
+
+
+def _arguments(
+    claims: CommandClaims, *, issued_at: int, refuse: _Refuser
+) -> tuple[CommandArgs, AuthorisationUpdate | None]:
+    """``unknown_op``, or the validated arguments (``bad_args``) and update body."""
+    model = OPERATIONS.get(claims.op)
+    if model is None:
+        raise refuse(ErrorCode.UNKNOWN_OP, f"unknown operation {claims.op!r}")
+    try:
+        # JSON mode, so that arrays validate into the models' tuples under strict.
+        args = model.model_validate_json(json.dumps(claims.args))
+    except ValidationError as exc:
+        raise refuse(ErrorCode.BAD_ARGS, _first_error(exc, "args")) from exc
+    if not isinstance(args, RevokeArgs | SetAccessArgs):
+        return args, None
+    try:
+        return args, args.to_update(issued_at)
+    except ProtocolError as exc:
+        # Limits only the whole update knows: duplicate keys, total size, ...
+        raise refuse(ErrorCode.BAD_ARGS, f"args: {exc.message}") from exc
+
+
+def _parse(payload: bytes) -> jws.CompactSignature:
+    """The JWS compact serialization in ``payload``; ``malformed`` if it is none."""
+    command_id: str | None = None
+    try:
+        # A bare JSON command (unsigned) cannot be accepted, but its id can be echoed.
+        command_id = readable_id(_peek_claims(payload).get("id"))
+        token = jws.extract_compact(payload, registry=_REGISTRY)
+        protected: object = token.protected  # whatever JSON value the header held
+        if not isinstance(protected, dict):
+            msg = "protected header is not a JSON object"
+            raise TypeError(msg)
+    except (JoseError, ValueError, TypeError) as exc:
+        raise CommandError(
+            ErrorCode.MALFORMED, "not a JWS compact serialization", command_id=command_id
+        ) from exc
+    return token
+
+
+def _peek_claims(data: bytes) -> dict[str, Any]:
+    """Best-effort, untrusted claims: only ever used to correlate a refusal."""
+    try:
+        value = _load_json(data)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _claims(data: bytes, refuse: _Refuser) -> CommandClaims:
+    try:
+        value = _load_json(data)
+    except ValueError as exc:
+        raise refuse(ErrorCode.MALFORMED, f"claims are not JSON: {exc}") from exc
+    try:
+        return CommandClaims.model_validate(value)
+    except ValidationError as exc:
+        raise refuse(ErrorCode.MALFORMED, _first_error(exc, "claims")) from exc
+
+
+def _check_target_scope(target: TargetArgs, scope: Scope, refuse: _Refuser) -> None:
+    """Refuse fleet and site targets outside the registry's scope.
+
+    A device target is left to the handler: whether a scope covers a device depends on
+    the device's site, which only the store knows (:meth:`Command.covers`).
+    """
+    if scope.organisation_wide:
+        return
+    if target.kind == "fleet":
+        raise refuse(ErrorCode.OUT_OF_SCOPE, "only an organisation-wide registry targets the fleet")
+    if target.kind == "site" and target.site_id not in scope.sites:
+        raise refuse(ErrorCode.OUT_OF_SCOPE, "the registry's scope does not cover this site")
