@@ -29,7 +29,7 @@ from gateway.device_session import DeviceError, DeviceSession, SessionError
 from gateway.keys import GatewayCredentials
 from gateway.pipeline import LogCollectionError, LogPipeline, alarm_payload
 from gateway.radio.base import Radio, RadioError, ScanResult
-from gateway.store import DeviceRecord, OutboxMessage, Store
+from gateway.store import DeviceRecord, OutboxMessage, PropagationState, Store
 from gateway.topics import Topics
 from gateway.updates import Priority, UpdateService
 from gateway.worker import BlockingWorker
@@ -356,10 +356,13 @@ class Scheduler:
             device = await self.worker.run(self.store.get_device, view.device_id)
             if device is None:
                 return
-            await self._session(view, device)
-            view.failures = 0
+            retry_later = await self._session(view, device)
+            view.failures, view.backoff_until = 0, 0.0
             view.unreachable = False
-            view.backoff_until = 0.0
+            if retry_later:
+                # The device asked for a later try (its clock is being corrected): wait,
+                # rather than wake it again at once and spend its battery on the same refusal.
+                self._back_off(view)
         except DeviceError as exc:
             outcome = exc.code.name
             bound.info("session_failed", code=exc.code.name, error=str(exc))
@@ -379,7 +382,8 @@ class Scheduler:
             self._busy -= 1
             self.wake()
 
-    async def _session(self, view: DeviceView, device: DeviceRecord) -> None:
+    async def _session(self, view: DeviceView, device: DeviceRecord) -> bool:
+        """Everything ``device`` needs, in one connection; True if an update must wait."""
         assert view.address is not None  # only devices with an address are dispatched
         link = await self.radio.connect(
             view.address, mtu=self.settings.mtu, timeout=self.settings.connect_timeout
@@ -398,7 +402,7 @@ class Scheduler:
             assert hello is not None  # set by open()
             status = hello.status
             await self._sync_clock(session, device, status)
-            await self.updates.push(session, device)
+            outcomes = await self.updates.push(session, device)
             await self._run_requests(session, device, view)
             if status.records_waiting or (view.advert and view.advert.records_waiting):
                 await self.pipeline.collect(session, device)
@@ -407,6 +411,7 @@ class Scheduler:
             view.visited_alarms = final.status.alarms
         await self._refresh_pending()
         self.on_outbox()
+        return any(outcome.state is PropagationState.PENDING for outcome in outcomes)
 
     async def _sync_clock(
         self, session: DeviceSession, device: DeviceRecord, status: DeviceStatus

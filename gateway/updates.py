@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Final
 
@@ -49,6 +49,15 @@ class Priority(IntEnum):
     STATUS = 5
 
 
+DEFAULT_CLOCK_TOLERANCE: Final = 300
+"""Seconds an update's issue time is set back; above the drift that triggers a re-sync."""
+
+RETRY_LATER: Final = frozenset(
+    {ErrorCode.UPDATE_NOT_YET_VALID, ErrorCode.TIME_BELOW_FLOOR, ErrorCode.BUSY}
+)
+"""Refusals a later visit can cure (the device's clock is being corrected); the update
+stays pending with the code recorded, instead of failing for good."""
+
 PRIORITY_FOR_KIND: Final = {
     UpdateKind.REVOCATION: Priority.REVOCATION,
     UpdateKind.ACCESS_FULL: Priority.ACCESS_UPDATE,
@@ -72,14 +81,25 @@ class UpdateService:
         worker: BlockingWorker,
         credentials: GatewayCredentials,
         topics: Topics,
+        *,
+        clock_tolerance: int = DEFAULT_CLOCK_TOLERANCE,
     ) -> None:
+        self.clock_tolerance = clock_tolerance
         self.store = store
         self.worker = worker
         self.credentials = credentials
         self.topics = topics
 
     async def submit(self, update_id: str, update: AuthorisationUpdate) -> list[bytes]:
-        """Sign and store ``update``; returns the devices it is for. Idempotent per id."""
+        """Sign and store ``update``; returns the devices it is for. Idempotent per id.
+
+        The issue time is set back by the clock tolerance: a lock whose clock runs a few
+        seconds behind (within the drift the gateway tolerates) must not refuse an update
+        issued this second. Its expiry, not its issue time, bounds how long it is valid.
+        """
+        update = replace(
+            update, issued_at=max(0, min(update.issued_at, int(time.time())) - self.clock_tolerance)
+        )
         signed = sign_update(
             update,
             key=self.credentials.keys.signing_key,
@@ -138,6 +158,8 @@ class UpdateService:
             if exc.code is ErrorCode.UPDATE_ROLLBACK and await self._already_held(device, record):
                 # Another gateway (or an earlier session cut short) already delivered it.
                 return PushOutcome(record.update_id, PropagationState.APPLIED)
+            if exc.code in RETRY_LATER:
+                return PushOutcome(record.update_id, PropagationState.PENDING, exc.code)
             return PushOutcome(record.update_id, PropagationState.FAILED, exc.code)
         await self.worker.run(
             self.store.update_device_status,

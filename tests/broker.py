@@ -208,11 +208,18 @@ class Mosquitto:
 
     ``tls`` makes the listener TLS-only and require a client certificate from the test
     CA, whose common name becomes the MQTT username. ``acl`` is the text of an ACL file
-    (Mosquitto syntax), for tests of what the broker refuses.
+    (Mosquitto syntax), for tests of what the broker refuses. ``persistence`` keeps
+    sessions, subscriptions and queued QoS 1 messages across a stop and start, as a
+    production broker does.
     """
 
     def __init__(
-        self, directory: Path, *, tls: TlsFiles | None = None, acl: str | None = None
+        self,
+        directory: Path,
+        *,
+        tls: TlsFiles | None = None,
+        acl: str | None = None,
+        persistence: bool = False,
     ) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -223,12 +230,20 @@ class Mosquitto:
         self.config_file = directory / "mosquitto.conf"
         self.log_file = directory / "mosquitto.log"
         self._process: subprocess.Popen[bytes] | None = None
-        self._write_config(acl)
+        self._write_config(acl, persistence=persistence)
 
-    def _write_config(self, acl: str | None) -> None:
+    def _write_config(self, acl: str | None, *, persistence: bool) -> None:
         lines = [
             "per_listener_settings false",
-            "persistence false",
+            *(
+                [
+                    "persistence true",
+                    f"persistence_location {self.directory}/",
+                    "autosave_interval 0",  # saved on shutdown only
+                ]
+                if persistence
+                else ["persistence false"]
+            ),
             f"log_dest file {self.log_file}",
             "log_type error",
             "log_type warning",

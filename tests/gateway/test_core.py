@@ -459,3 +459,43 @@ async def test_unheard_device_is_reported_unreachable_and_catches_up(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_lock_that_lost_its_time_is_synced_before_the_update(
+    gateway: Gateway, fleet: Fleet
+) -> None:
+    [lock] = await started(fleet)
+    await gateway.pair(lock)
+    lock.change_battery()  # the clock is unset: it would refuse any update
+    lock.changed()
+    now = int(time.time())
+    revocation = AuthorisationUpdate(
+        kind=UpdateKind.REVOCATION,
+        target=Target.fleet(),
+        version=1,
+        base_version=0,
+        issued_at=now,
+        expires_at=now + 3600,
+        revocations=(RevocationEntry(KEY, now + 86400),),
+    )
+    await gateway.updates.submit("revoke-after-battery", revocation)
+    scheduler = gateway.scheduler()
+    task = asyncio.create_task(scheduler.run())
+    try:
+        await eventually(
+            lambda: (
+                gateway.reader.propagation("revoke-after-battery")[lock.device_id].state
+                is PropagationState.APPLIED
+            )
+        )
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert lock.device.clock.is_set
+    alarms = [
+        json.loads(row.payload) for row in gateway.reader.outbox_peek(1000) if row.kind == "alarm"
+    ]
+    assert any(
+        alarm["alarm"] == "clock_drift" and not alarm["detail"]["clock_was_set"] for alarm in alarms
+    )
