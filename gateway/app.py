@@ -25,7 +25,7 @@ from gateway.handlers import CommandHandler
 from gateway.keys import GatewayCredentials, load_credentials
 from gateway.logs import configure_logging
 from gateway.metrics import Metrics, RevocationCoverage
-from gateway.mqtt import MqttBridge, MqttSettings, MqttTls
+from gateway.mqtt import MqttBridge, MqttSettings, MqttTls, status_payload
 from gateway.pipeline import LogPipeline
 from gateway.radio.base import Radio
 from gateway.scheduler import Scheduler, SchedulerSettings
@@ -103,7 +103,8 @@ def scheduler_settings(settings: Settings) -> SchedulerSettings:
         slots=settings.scheduler.slots,
         mtu=settings.radio.mtu,
         connect_timeout=settings.radio.connect_timeout,
-        request_timeout=settings.scheduler.max_session / 4,
+        idle_timeout=settings.scheduler.session_idle_timeout,
+        max_session=settings.scheduler.max_session,
         unreachable_after=settings.scheduler.unreachable_after,
         backoff_initial=settings.scheduler.backoff_initial,
         backoff_max=settings.scheduler.backoff_max,
@@ -166,6 +167,7 @@ class Daemon:
                     tasks.create_task(scheduler.run(), name="scheduler")
                     tasks.create_task(systemd.watchdog_task(), name="watchdog")
                     tasks.create_task(self._retention(store, worker), name="retention")
+                    tasks.create_task(self._heartbeat(bridge), name="heartbeat")
                     tasks.create_task(
                         self._observe(store, worker, scheduler, bridge), name="metrics"
                     )
@@ -181,6 +183,14 @@ class Daemon:
             if pruned:
                 log.info("retention_pruned", events=pruned)
             await asyncio.sleep(RETENTION_INTERVAL)
+
+    async def _heartbeat(self, bridge: MqttBridge) -> None:
+        """Re-publish the retained online status, so a stale one is told from a live one."""
+        started = time.time()
+        while True:
+            await asyncio.sleep(self.settings.scheduler.status_interval)
+            payload = status_payload("online", self.settings.gateway.id, started)
+            await bridge.publish_retained(self.topics.status, payload)
 
     async def _observe(
         self, store: Store, worker: BlockingWorker, scheduler: Scheduler, bridge: MqttBridge

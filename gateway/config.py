@@ -57,7 +57,6 @@ __all__ = [
     "RadioSettings",
     "SchedulerSettings",
     "Settings",
-    "UpdateSettings",
     "load_config",
     "parse_duration",
     "split_host_port",
@@ -425,9 +424,9 @@ class SchedulerSettings(_Section):
     routine_interval: Duration = 12 * _HOUR
     """How often a device with nothing waiting is still visited for status and logs."""
     status_interval: Duration = 5 * _MINUTE
-    """How often the gateway publishes its own status (slots, outbox, devices) over MQTT."""
+    """How often the gateway re-publishes its retained online status over MQTT."""
     session_idle_timeout: Duration = 2.0
-    """A session with no traffic for this long is closed."""
+    """A session with no traffic from the device for this long is given up."""
     max_session: Duration = 60.0
     """Hard limit on one session, so one device cannot hold a slot."""
 
@@ -536,13 +535,6 @@ class MetricsSettings(_Section):
         return split_host_port(self.listen)[1]
 
 
-class UpdateSettings(_Section):
-    """``[updates]``: signed authorisation updates."""
-
-    default_expiry: Duration = 7 * _DAY
-    """How long a signed update stays valid when the registry gives no expiry."""
-
-
 class Settings(_Section):
     """Everything the daemon is configured with; the root of the TOML file."""
 
@@ -553,7 +545,6 @@ class Settings(_Section):
     mqtt: MqttSettings
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
-    updates: UpdateSettings = UpdateSettings()
 
     @model_validator(mode="before")
     @classmethod

@@ -24,9 +24,10 @@ from protocols.session import (
     SessionFailed,
 )
 
-DEFAULT_REQUEST_TIMEOUT: Final = 15.0
-"""Seconds to wait for the handshake or for one response; a log batch of 1,000 records
-at MTU 23 is some 1,700 notifications, which a slow link delivers in a few seconds."""
+DEFAULT_IDLE_TIMEOUT: Final = 5.0
+"""Seconds without any traffic from the device after which a session is given up. Idle,
+not total: a batch of 1,000 records at MTU 23 is some 1,700 notifications, and it may take
+as long as it needs while they keep coming."""
 
 READER_STOP_TIMEOUT: Final = 1.0
 """Seconds close() gives the notification reader to stop before it disconnects anyway."""
@@ -68,7 +69,7 @@ class DeviceSession:
         link: Link,
         config: GatewaySessionConfig,
         *,
-        timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.link = link
         self.session = Session.gateway(config, mtu=link.mtu)
@@ -79,6 +80,7 @@ class DeviceSession:
         self._failure: DeviceError | None = None
         self._reader: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
+        self._last_activity = 0.0
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -90,6 +92,7 @@ class DeviceSession:
     async def open(self) -> DeviceHello:
         """Handshake; returns the device's authenticated hello."""
         loop = asyncio.get_running_loop()
+        self._last_activity = loop.time()
         self._handshake = loop.create_future()
         self._reader = asyncio.create_task(self._read(), name=f"read {self.link.address}")
         try:
@@ -142,6 +145,7 @@ class DeviceSession:
         try:
             while self._failure is None:
                 fragment = await self.link.receive()
+                self._last_activity = asyncio.get_running_loop().time()
                 self.session.receive_fragment(fragment)
                 self._dispatch()
                 await self._flush()
@@ -173,17 +177,23 @@ class DeviceSession:
             try:
                 for fragment in fragments:
                     await self.link.write(fragment)
+                    self._last_activity = asyncio.get_running_loop().time()
             except RadioError as exc:
                 self._fail(DeviceUnavailable(ErrorCode.SESSION_CLOSED, f"write failed: {exc}"))
 
     async def _wait(self, future: asyncio.Future[_M], what: str) -> _M:
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await future
-        except TimeoutError as exc:
-            self.session.close()
-            message = f"no answer to {what} within {self.timeout:.0f} s"
-            raise DeviceUnavailable(ErrorCode.BUSY, message) from exc
+        """Wait for ``future`` while the device keeps talking; give up after idle time."""
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = self._last_activity + self.timeout - loop.time()
+            if remaining <= 0:
+                self.session.close()
+                message = f"no traffic for {self.timeout:g} s while waiting for {what}"
+                raise DeviceUnavailable(ErrorCode.BUSY, message)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    # Shielded: an idle check must not cancel the answer it waits for.
+                    return await asyncio.shield(future)
 
     def _fail(self, error: DeviceError) -> None:
         if self._failure is None:

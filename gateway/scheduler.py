@@ -19,13 +19,13 @@ import heapq
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import structlog
 
-from gateway.device_session import DeviceError, DeviceSession, SessionError
+from gateway.device_session import DeviceError, DeviceSession, DeviceUnavailable, SessionError
 from gateway.keys import GatewayCredentials
 from gateway.pipeline import LogCollectionError, LogPipeline, alarm_payload
 from gateway.radio.base import Radio, RadioError, ScanResult
@@ -35,7 +35,7 @@ from gateway.updates import Priority, UpdateService
 from gateway.worker import BlockingWorker
 from protocols.advert import Advert, decode_manufacturer_payload
 from protocols.enums import AlarmFlags, DeviceKind
-from protocols.errors import ProtocolError
+from protocols.errors import ErrorCode, ProtocolError
 from protocols.gatt import COMPANY_ID
 from protocols.identity import format_device_id
 from protocols.messages import (
@@ -62,7 +62,8 @@ class SchedulerSettings:
     slots: int = 5
     mtu: int = 517
     connect_timeout: float = 10.0
-    request_timeout: float = 15.0
+    idle_timeout: float = 5.0
+    max_session: float = 60.0
     unreachable_after: float = 6 * 3600.0
     backoff_initial: float = 5.0
     backoff_max: float = 600.0
@@ -397,7 +398,10 @@ class Scheduler:
             pinned_signing_key=device.signing_key,
             pinned_noise_key=device.noise_key,
         )
-        async with DeviceSession(link, config, timeout=self.settings.request_timeout) as session:
+        async with (
+            DeviceSession(link, config, timeout=self.settings.idle_timeout) as session,
+            _bounded(self.settings.max_session, device.device_id),
+        ):
             hello = session.device
             assert hello is not None  # set by open()
             status = hello.status
@@ -504,6 +508,17 @@ class Scheduler:
             kind="state",
             retain=True,
         )
+
+
+@contextlib.asynccontextmanager
+async def _bounded(seconds: float, device_id: bytes) -> AsyncIterator[None]:
+    """One session may take ``seconds`` at most, so one device cannot hold a slot."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError as exc:
+        message = f"session with {format_device_id(device_id)} longer than {seconds:g} s"
+        raise DeviceUnavailable(ErrorCode.BUSY, message) from exc
 
 
 _ALARM_NAMES: Final = {

@@ -41,7 +41,7 @@ from protocols.logrecords import (
 )
 from protocols.pairing import LabelPayload
 from tests.broker import Mosquitto
-from tests.conftest import Registry
+from tests.conftest import Registry, Schemas
 from tests.processes import REPO_ROOT, SimProcess
 
 GATEWAY_ID = "gw-north-1"
@@ -152,7 +152,9 @@ class RegistryClient:
 
     registry: Registry
     broker: Mosquitto
+    schemas: Schemas
     messages: list[aiomqtt.Message] = field(default_factory=list)
+    validated: dict[str, int] = field(default_factory=dict)
     keys: dict[str, bytes] = field(default_factory=dict)
     chains: dict[str, ChainState] = field(default_factory=dict)
     events: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
@@ -187,7 +189,9 @@ class RegistryClient:
         topic = str(message.topic)
         if topic.endswith("/commands") or not isinstance(message.payload, bytes):
             return  # the registry's own signed commands, or a cleared retained topic
-        body = json.loads(message.payload)
+        schema = _schema_for(topic)
+        body = self.schemas.validate(schema, message.payload)  # every payload, as published
+        self.validated[schema] = self.validated.get(schema, 0) + 1
         if topic.endswith("/status"):
             self.status = body["state"]
         elif topic.endswith("/registrations") and body["action"] == "registered":
@@ -250,6 +254,22 @@ class RegistryClient:
         ]
 
 
+def _schema_for(topic: str) -> str:
+    for suffix, schema in [
+        ("/status", "status"),
+        ("/registrations", "registration"),
+        ("/events", "events"),
+        ("/responses", "response"),
+        ("/progress", "progress"),
+        ("/alarms", "alarm"),
+        ("/state", "device-state"),
+    ]:
+        if topic.endswith(suffix):
+            return schema
+    msg = f"no schema for topic {topic}"
+    raise AssertionError(msg)
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     mosquitto = Mosquitto(tmp_path / "broker", persistence=True)
@@ -278,7 +298,7 @@ async def stop_daemon(process: asyncio.subprocess.Process) -> int:
 
 
 async def test_daemon_collects_revokes_and_survives_a_broker_outage(
-    tmp_path: Path, broker: Mosquitto
+    tmp_path: Path, broker: Mosquitto, schemas: Schemas
 ) -> None:
     sim = await SimProcess.start(
         "--locks", "2", "--serve", "tcp-server:127.0.0.1:0", "--advertising-interval", "0.05"
@@ -291,7 +311,7 @@ async def test_daemon_collects_revokes_and_survives_a_broker_outage(
         installation = install(tmp_path / "gw", transport=sim.ready["transport"], broker=broker)
         await pair_all(installation, sim)
         devices = [device["device_id"] for device in sim.ready["devices"]]
-        registry = RegistryClient(installation.registry, broker)
+        registry = RegistryClient(installation.registry, broker, schemas)
         listener = asyncio.create_task(registry.run())
         daemon = await start_daemon(installation.config, log)
         async with aiomqtt.Client(
@@ -389,6 +409,9 @@ async def test_daemon_collects_revokes_and_survives_a_broker_outage(
                 await listener
         await sim.finish()
     assert registry is not None
+    assert {"status", "registration", "events", "response", "progress", "device-state"} <= set(
+        registry.validated
+    ), registry.validated
     await asyncio.sleep(0)  # the offline status is retained for anyone who asks now
     async with aiomqtt.Client(broker.host, broker.port, identifier="late") as late:
         await late.subscribe(f"lockgw/gw/{GATEWAY_ID}/status", qos=1)

@@ -20,7 +20,6 @@ from gateway.config import (
     RadioSettings,
     SchedulerSettings,
     Settings,
-    UpdateSettings,
     load_config,
     parse_duration,
     split_host_port,
@@ -37,7 +36,6 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "mqtt": MqttSettings,
     "logging": LoggingSettings,
     "metrics": MetricsSettings,
-    "updates": UpdateSettings,
 }
 
 LINE_RE = re.compile(
@@ -127,7 +125,6 @@ def test_minimal_config_gets_defaults(
     assert settings.logging == LoggingSettings(level="info", format="auto")
     assert settings.metrics.enabled is True
     assert (settings.metrics.host, settings.metrics.port) == ("127.0.0.1", 9310)
-    assert settings.updates.default_expiry == 7 * 86400
 
 
 def test_settings_are_frozen_and_hashable(confdir: Path) -> None:
@@ -180,9 +177,6 @@ format = "json"
 [metrics]
 enabled = false
 listen = "[::1]:9999"
-
-[updates]
-default_expiry = "1d"
 """
     )
     settings = load_config(write(confdir, text))
@@ -404,7 +398,7 @@ def test_section_must_be_a_table(confdir: Path) -> None:
         ("[logging]\nlevel = 'trace'\n", "logging.level", "'debug', 'info', 'warning' or 'error'"),
         ("[logging]\nformat = 'xml'\n", "logging.format", "'auto', 'json' or 'console'"),
         ("[metrics]\nlisten = '127.0.0.1:0'\n", "metrics.listen", "must be fixed"),
-        ("[updates]\ndefault_expiry = '7 days'\n", "updates.default_expiry", "one unit"),
+        ("[log]\nretention = '7 days'\n", "log.retention", "one unit"),
     ],
 )
 def test_single_problem(confdir: Path, addition: str, field: str, reason: str) -> None:

@@ -104,7 +104,7 @@ class Gateway:
             settings=SchedulerSettings(
                 slots=2,
                 connect_timeout=5.0,
-                request_timeout=5.0,
+                idle_timeout=5.0,
                 **settings,  # type: ignore[arg-type]  # test overrides
             ),
         )
