@@ -15,22 +15,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bumble.transport.common import AsyncPipeSink
+
+from gateway.device_session import DeviceSession
+from gateway.radio.bumble import BumbleRadio
 from protocols.enums import DeviceKind
 from protocols.messages import Status, StatusRequest
+from protocols.session import GatewaySessionConfig
 from simulators.node import Fleet
-from tests.simulators.radio_central import (
-    Central,
-    Credentials,
-    PinnedDevice,
-    open_session,
-    provision_directly,
-)
+from simulators.radio import VirtualController
+from tests.simulators.radio_central import Credentials, PinnedDevice, provision_directly
 
 KINDS = (
     DeviceKind.DOOR_LOCK,
@@ -57,13 +58,14 @@ def percentile(values: Sequence[float], share: float) -> float:
 
 
 async def sessions(
-    central: Central,
+    radio: BumbleRadio,
     fleet: Fleet,
     pinned: dict[bytes, PinnedDevice],
     credentials: Credentials,
     args: argparse.Namespace,
 ) -> list[tuple[str, str]]:
-    """A session (handshake and a status request) with each device, or a sample."""
+    """With the gateway's own radio and DeviceSession: handshake and a status request with
+    each device in turn, or an even sample of them."""
     devices = list(fleet)
     wanted = min(args.sessions, len(devices))
     step = len(devices) / wanted
@@ -74,21 +76,25 @@ async def sessions(
         if time.perf_counter() - began > args.budget:
             break
         opened = time.perf_counter()
-        session = await open_session(
-            central, device.address, pinned[device.device_id], credentials, mtu=args.mtu
+        known = pinned[device.device_id]
+        link = await radio.connect(device.address, mtu=args.mtu, timeout=10.0)
+        config = GatewaySessionConfig(
+            noise_key=credentials.noise_key,
+            device_id=known.device_id,
+            now=int(time.time()),
+            certificate=credentials.certificate,
+            pinned_signing_key=known.signing_key,
+            pinned_noise_key=known.noise_key,
         )
-        async with session.link:
-            answer = await session.request(StatusRequest())
-        if not isinstance(answer, Status):
-            msg = f"{device!r} answered {answer}"
-            raise RuntimeError(msg)
+        async with DeviceSession(link, config) as session:
+            await session.request(StatusRequest(), Status)
         durations.append(time.perf_counter() - opened)
     total = time.perf_counter() - began
     what = "each device in turn" if len(durations) == len(devices) else "an even sample"
     ms = [d * 1000 for d in durations]
     return [
         (
-            f"sessions, {what} (MTU {args.mtu})",
+            f"gateway sessions, {what} (MTU {args.mtu})",
             f"{len(durations)} of {len(devices)} in {total:.1f} s",
         ),
         (
@@ -99,6 +105,16 @@ async def sessions(
             ),
         ),
     ]
+
+
+async def scan_all(radio: BumbleRadio, addresses: set[str], budget: float) -> None:
+    """Scan with the gateway's radio until every address has been seen."""
+    unseen = set(addresses)
+    async with asyncio.timeout(budget), contextlib.aclosing(radio.scan()) as results:
+        async for result in results:
+            unseen.discard(result.address)
+            if not unseen:
+                return
 
 
 async def bench(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -131,17 +147,18 @@ async def bench(args: argparse.Namespace) -> list[tuple[str, str]]:
         )
     )
 
-    central = await Central.on_link(fleet.link)
-    try:
-        addresses = [device.address for device in fleet]
+    controller = VirtualController("gateway", link=fleet.link)
+    async with BumbleRadio.from_hci(controller, AsyncPipeSink(controller)) as radio:
+        addresses = {device.address for device in fleet}
         began = time.perf_counter()
-        await central.scan_for(addresses, within=args.budget)
+        await scan_all(radio, addresses, args.budget)
         rows.append(
-            (f"scan until all {len(addresses)} seen", f"{time.perf_counter() - began:.2f} s")
+            (
+                f"gateway scan until all {len(addresses)} seen",
+                f"{time.perf_counter() - began:.2f} s",
+            )
         )
-        rows += await sessions(central, fleet, pinned, credentials, args)
-    finally:
-        await central.close()
+        rows += await sessions(radio, fleet, pinned, credentials, args)
     rows.append(("RSS after the sessions", f"{rss_mib():.0f} MiB"))
 
     began = time.perf_counter()

@@ -10,8 +10,11 @@ Framing, crypto and protocol logic live above it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Self
 
@@ -232,3 +235,72 @@ class Radio(ABC):
         traceback: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+SCAN_QUEUE_SIZE: Final = 4096
+"""Advertisements buffered per scan consumer; a consumer that falls further behind loses the
+newest ones (adverts repeat, nothing is lost for good)."""
+
+_logger = logging.getLogger(__name__)
+
+
+class ScanFanout:
+    """Hands every scan result to each consumer of :meth:`Radio.scan` in a bounded queue of
+    its own, so several consumers share the one scan an adapter can run."""
+
+    def __init__(self) -> None:
+        self._queues: set[asyncio.Queue[ScanResult | None]] = set()
+
+    @property
+    def wanted(self) -> bool:
+        """Whether anyone is reading: the backend scans exactly while this holds."""
+        return bool(self._queues)
+
+    def publish(self, result: ScanResult) -> None:
+        for queue in self._queues:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(result)
+
+    def end(self) -> None:
+        """The radio closed or was lost: every consumer's scan ends with a RadioError."""
+        for queue in self._queues:
+            while True:
+                try:
+                    queue.put_nowait(None)
+                    break
+                except asyncio.QueueFull:
+                    queue.get_nowait()  # make room for the end marker
+
+    async def results(
+        self, radio: str, duration: float | None, update: Callable[[], Awaitable[None]]
+    ) -> AsyncGenerator[ScanResult, None]:
+        """One consumer's results; ``update`` starts or stops the backend's scan to match
+        :attr:`wanted`."""
+        if duration is not None and duration < 0:
+            msg = f"negative scan duration {duration}"
+            raise ValueError(msg)
+        loop = asyncio.get_running_loop()
+        deadline = None if duration is None else loop.time() + duration
+        queue: asyncio.Queue[ScanResult | None] = asyncio.Queue(SCAN_QUEUE_SIZE)
+        self._queues.add(queue)
+        try:
+            await update()
+            while True:
+                if deadline is None:
+                    item = await queue.get()
+                else:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            item = await queue.get()
+                    except TimeoutError:
+                        return
+                if item is None:
+                    msg = f"{radio} closed or lost while scanning"
+                    raise RadioError(msg)
+                yield item
+        finally:
+            self._queues.discard(queue)
+            try:
+                await update()
+            except RadioError as exc:
+                _logger.warning("stopping the scan on %s: %s", radio, exc)

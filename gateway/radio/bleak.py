@@ -57,6 +57,7 @@ from gateway.radio.base import (
     RadioDisconnectedError,
     RadioError,
     RadioTimeoutError,
+    ScanFanout,
     ScanResult,
 )
 from protocols.gatt import (
@@ -80,9 +81,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SCAN_QUEUE_SIZE: Final = 4096
-"""Advertisements buffered per scan consumer; a consumer that falls further behind loses the
-newest ones (adverts repeat, nothing is lost for good)."""
 
 DEVICE_CACHE_SIZE: Final = 4096
 """``BLEDevice`` objects kept for :meth:`BleakRadio.connect`, least recently advertised
@@ -519,7 +517,7 @@ class BleakRadio(Radio):
         self._scanner: ScannerAPI | None = None
         self._scanning = False
         self._scan_lock = asyncio.Lock()
-        self._scan_queues: set[asyncio.Queue[ScanResult | None]] = set()
+        self._scans = ScanFanout()
         self._devices: OrderedDict[str, BLEDevice] = OrderedDict()
         self._links: set[BleakLink] = set()
         self._pending: set[str] = set()  # address keys being connected
@@ -549,7 +547,7 @@ class BleakRadio(Radio):
             return
         links = list(self._links)
         await asyncio.gather(*(link.disconnect() for link in links), return_exceptions=True)
-        self._end_scans()
+        self._scans.end()
         async with self._scan_lock:
             if self._scanning:
                 self._scanning = False
@@ -585,52 +583,17 @@ class BleakRadio(Radio):
         self._devices.move_to_end(key)
         while len(self._devices) > DEVICE_CACHE_SIZE:
             self._devices.popitem(last=False)
-        if not self._scan_queues:
+        if not self._scans.wanted:
             return
         result = _scan_result(device, advertisement_data)
-        for queue in self._scan_queues:
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(result)
-
-    def _end_scans(self) -> None:
-        for queue in self._scan_queues:
-            while True:
-                try:
-                    queue.put_nowait(None)
-                    break
-                except asyncio.QueueFull:
-                    queue.get_nowait()  # make room for the end marker
+        self._scans.publish(result)
 
     async def scan(self, *, duration: float | None = None) -> AsyncGenerator[ScanResult, None]:
-        if duration is not None and duration < 0:
-            msg = f"negative scan duration {duration}"
-            raise ValueError(msg)
         self._require_scanner()
-        loop = asyncio.get_running_loop()
-        deadline = None if duration is None else loop.time() + duration
-        queue: asyncio.Queue[ScanResult | None] = asyncio.Queue(SCAN_QUEUE_SIZE)
-        self._scan_queues.add(queue)
-        try:
-            await self._update_scanning()
-            while True:
-                if deadline is None:
-                    item = await queue.get()
-                else:
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            item = await queue.get()
-                    except TimeoutError:
-                        return
-                if item is None:
-                    msg = f"{self!r} closed while scanning"
-                    raise RadioError(msg)
-                yield item
-        finally:
-            self._scan_queues.discard(queue)
-            try:
-                await self._update_scanning()
-            except RadioError as exc:
-                logger.warning("stopping the scan on %r: %s", self, exc)
+        results = self._scans.results(repr(self), duration, self._update_scanning)
+        async with contextlib.aclosing(results):
+            async for result in results:
+                yield result
 
     async def _update_scanning(self) -> None:
         """Scan while at least one consumer iterates, with the one shared scanner."""
@@ -639,11 +602,11 @@ class BleakRadio(Radio):
             if scanner is None:
                 return
             try:
-                if self._scan_queues and not self._scanning:
+                if self._scans.wanted and not self._scanning:
                     async with asyncio.timeout(SCAN_START_TIMEOUT):
                         await scanner.start()
                     self._scanning = True
-                elif not self._scan_queues and self._scanning:
+                elif not self._scans.wanted and self._scanning:
                     # Considered stopped even if stop() fails: bleak forgets the session
                     # before it asks BlueZ (bleak/backends/bluezdbus/scanner.py, stop()).
                     self._scanning = False

@@ -36,6 +36,7 @@ from gateway.radio.base import (
     RadioDisconnectedError,
     RadioError,
     RadioTimeoutError,
+    ScanFanout,
     ScanResult,
 )
 from protocols.gatt import (
@@ -53,9 +54,6 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 DEFAULT_DEVICE_NAME: Final = "lockgw"
-SCAN_QUEUE_SIZE: Final = 4096
-"""Advertisements buffered per scan consumer; a consumer that falls further behind loses the
-newest ones (adverts repeat, nothing is lost for good)."""
 
 _BUMBLE_ERRORS: Final = (core.BaseBumbleError, OSError)
 """Everything Bumble raises (its own hierarchy) plus transport/socket errors. The builtin
@@ -315,7 +313,7 @@ class BumbleRadio(Radio):
         self._transport: Any = None
         self._device: Any = None
         self._links: set[BumbleLink] = set()
-        self._scan_queues: set[asyncio.Queue[ScanResult | None]] = set()
+        self._scans = ScanFanout()
         self._scan_lock = asyncio.Lock()
         self._connect_lock = asyncio.Lock()
         self._expected_peer: Any = None  # hci.Address of the connection being made
@@ -390,7 +388,7 @@ class BumbleRadio(Radio):
             return
         links = list(self._links)
         await asyncio.gather(*(link.disconnect() for link in links), return_exceptions=True)
-        self._end_scans()
+        self._scans.end()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -423,57 +421,22 @@ class BumbleRadio(Radio):
             return  # a transport of an earlier session, closed since
         self._transport_lost = True
         logger.warning("%r: HCI transport lost", self)
-        self._end_scans()
+        self._scans.end()
 
     # ---------------------------------------------------------------------------- scanning
 
     def _on_advertisement(self, advertisement: Any) -> None:
-        if not self._scan_queues:
+        if not self._scans.wanted:
             return
         result = _scan_result(advertisement)
-        for queue in self._scan_queues:
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(result)
-
-    def _end_scans(self) -> None:
-        for queue in self._scan_queues:
-            while True:
-                try:
-                    queue.put_nowait(None)
-                    break
-                except asyncio.QueueFull:
-                    queue.get_nowait()  # make room for the end marker
+        self._scans.publish(result)
 
     async def scan(self, *, duration: float | None = None) -> AsyncGenerator[ScanResult, None]:
-        if duration is not None and duration < 0:
-            msg = f"negative scan duration {duration}"
-            raise ValueError(msg)
         self._require_device()
-        loop = asyncio.get_running_loop()
-        deadline = None if duration is None else loop.time() + duration
-        queue: asyncio.Queue[ScanResult | None] = asyncio.Queue(SCAN_QUEUE_SIZE)
-        self._scan_queues.add(queue)
-        try:
-            await self._update_scanning()
-            while True:
-                if deadline is None:
-                    item = await queue.get()
-                else:
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            item = await queue.get()
-                    except TimeoutError:
-                        return
-                if item is None:
-                    msg = f"{self!r} closed or lost while scanning"
-                    raise RadioError(msg)
-                yield item
-        finally:
-            self._scan_queues.discard(queue)
-            try:
-                await self._update_scanning()
-            except RadioError as exc:
-                logger.warning("stopping the scan on %r: %s", self, exc)
+        results = self._scans.results(repr(self), duration, self._update_scanning)
+        async with contextlib.aclosing(results):
+            async for result in results:
+                yield result
 
     async def _update_scanning(self) -> None:
         """Scan while at least one consumer iterates; Bumble allows one scan at a time."""
@@ -482,9 +445,9 @@ class BumbleRadio(Radio):
             if device is None:
                 return
             try:
-                if self._scan_queues and not device.is_scanning:
+                if self._scans.wanted and not device.is_scanning:
                     await device.start_scanning(active=self._active_scan, filter_duplicates=False)
-                elif not self._scan_queues and device.is_scanning:
+                elif not self._scans.wanted and device.is_scanning:
                     async with asyncio.timeout(SCAN_STOP_TIMEOUT):
                         await device.stop_scanning()
             except _BUMBLE_ERRORS as exc:
