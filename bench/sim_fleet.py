@@ -1,12 +1,13 @@
 """How far one simulator process scales: a thousand devices on one virtual radio.
 
 Measures, for N simulated devices on one ScalableLink in this process: resident memory
-(VmRSS), start-up time, the time one central needs to see every device in a scan, and the
-time it needs to open a session (connect, MTU exchange, discovery, subscription, Noise_XX
+(VmRSS), start-up time, the time the gateway's radio needs to see every device in a scan,
+and the time the gateway needs to open a session (connect, MTU exchange, discovery,
+subscription, Noise_XX
 handshake with certificate checks, one status request) with each device in turn (or with
 an evenly spread sample when ``--sessions`` is below N, or when ``--budget`` runs out).
 
-Run from the repository root (it borrows the test suite's GATEWAY-role driver)::
+Run from the repository root (it borrows the tests' credential and provisioning helpers)::
 
     .venv/bin/python -m bench.sim_fleet --devices 1000
 """

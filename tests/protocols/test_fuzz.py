@@ -1,7 +1,7 @@
 """Every parser and verifier against random and mutated input: typed errors, nothing else.
 
-The default run keeps each target short; ``scripts/test -m fuzz`` runs the long version
-(about a minute per target on two cores).
+The default run keeps each target short; ``scripts/test -m fuzz`` runs the long version:
+20,000 inputs per target, about five minutes for all fifteen on two cores.
 """
 
 from __future__ import annotations
