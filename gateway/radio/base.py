@@ -304,3 +304,47 @@ class ScanFanout:
                 await update()
             except RadioError as exc:
                 _logger.warning("stopping the scan on %s: %s", radio, exc)
+
+
+class Notifications:
+    """What every backend's link does alike: queue notifications in order, then go down once.
+
+    After :meth:`end` the notifications that already arrived are still received, then every
+    :meth:`receive` raises RadioDisconnectedError; disconnect callbacks run exactly once.
+    """
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._callbacks: list[Callable[[], None]] = []
+        self._ended = False
+
+    def put(self, value: bytes | bytearray) -> None:
+        self._queue.put_nowait(bytes(value))  # bleak hands over a mutable bytearray
+
+    def end(self) -> None:
+        """The link is down: wake receivers after what already arrived, run the callbacks."""
+        if self._ended:
+            return
+        self._ended = True
+        self._queue.put_nowait(None)
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                _logger.exception("disconnect callback of %s failed", self._address)
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        if self._ended:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    async def receive(self) -> bytes:
+        item = await self._queue.get()
+        if item is None:
+            self._queue.put_nowait(None)  # wake the next receiver, too
+            msg = f"link {self._address} is down"
+            raise RadioDisconnectedError(msg)
+        return item

@@ -52,6 +52,7 @@ from gateway.radio.base import (
     SCAN_STOP_TIMEOUT,
     WRITE_TIMEOUT,
     Link,
+    Notifications,
     Radio,
     RadioConnectError,
     RadioDisconnectedError,
@@ -278,8 +279,7 @@ class BleakLink(Link):
         self._fragment_size = max_fragment_size(MIN_ATT_MTU)
         self._write_char: BleakGATTCharacteristic | None = None
         self._with_response = True
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._callbacks: list[Callable[[], None]] = []
+        self._notifications = Notifications(self._address)
         self._release: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -361,7 +361,7 @@ class BleakLink(Link):
 
     def _on_notification(self, _sender: BleakGATTCharacteristic, value: bytearray) -> None:
         if self._state is _State.UP:
-            self._queue.put_nowait(bytes(value))  # bleak hands over a mutable bytearray
+            self._notifications.put(value)
 
     def _on_client_disconnected(self, _client: object) -> None:
         if self._state is not _State.UP:
@@ -376,14 +376,8 @@ class BleakLink(Link):
         if self._state is _State.DOWN:
             return
         self._state = _State.DOWN
-        self._queue.put_nowait(None)  # after every notification that already arrived
         self._on_down(self)
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:
-                logger.exception("disconnect callback of %s failed", self._address)
+        self._notifications.end()
 
     # ---------------------------------------------------------------------------- Link API
 
@@ -412,10 +406,7 @@ class BleakLink(Link):
         return self._with_response
 
     def add_disconnect_callback(self, callback: Callable[[], None]) -> None:
-        if self._state is _State.DOWN:
-            callback()
-        else:
-            self._callbacks.append(callback)
+        self._notifications.add_callback(callback)
 
     async def write(self, fragment: bytes) -> None:
         data = bytes(fragment)
@@ -447,12 +438,7 @@ class BleakLink(Link):
         return self._write_char
 
     async def receive(self) -> bytes:
-        item = await self._queue.get()
-        if item is None:
-            self._queue.put_nowait(None)  # wake the next receiver, too
-            msg = f"link {self._address} is down"
-            raise RadioDisconnectedError(msg)
-        return item
+        return await self._notifications.receive()
 
     async def disconnect(self) -> None:
         """Disconnect; on a link that is already down this only waits for the client's

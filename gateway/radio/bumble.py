@@ -31,6 +31,7 @@ from gateway.radio.base import (
     SCAN_STOP_TIMEOUT,
     WRITE_TIMEOUT,
     Link,
+    Notifications,
     Radio,
     RadioConnectError,
     RadioDisconnectedError,
@@ -135,9 +136,8 @@ class BumbleLink(Link):
         self._mtu: int = MIN_ATT_MTU
         self._write_handle: int | None = None
         self._with_response = True
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._notifications = Notifications(self._address)
         self._connected = True
-        self._callbacks: list[Callable[[], None]] = []
         self._disconnecting: asyncio.Task[None] | None = None
         connection.on(connection.EVENT_DISCONNECTION, self._on_disconnection)
 
@@ -196,7 +196,7 @@ class BumbleLink(Link):
 
     def _on_notification(self, value: bytes) -> None:
         if self._connected:
-            self._queue.put_nowait(bytes(value))
+            self._notifications.put(value)
 
     def mark_down(self, reason: int) -> None:
         """The connection is already gone although no disconnection event reached us."""
@@ -207,14 +207,8 @@ class BumbleLink(Link):
             return
         self._connected = False
         logger.debug("link %s down, reason 0x%02X", self._address, reason)
-        self._queue.put_nowait(None)  # after every notification that already arrived
         self._on_down(self)
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:
-                logger.exception("disconnect callback of %s failed", self._address)
+        self._notifications.end()
 
     # ---------------------------------------------------------------------------- Link API
 
@@ -234,10 +228,7 @@ class BumbleLink(Link):
         return not self._connected
 
     def add_disconnect_callback(self, callback: Callable[[], None]) -> None:
-        if self._connected:
-            self._callbacks.append(callback)
-        else:
-            callback()
+        self._notifications.add_callback(callback)
 
     async def write(self, fragment: bytes) -> None:
         data = bytes(fragment)
@@ -262,12 +253,7 @@ class BumbleLink(Link):
             raise _translate(exc, RadioError, f"writing to {self._address}") from exc
 
     async def receive(self) -> bytes:
-        item = await self._queue.get()
-        if item is None:
-            self._queue.put_nowait(None)  # wake the next receiver, too
-            msg = f"link {self._address} is down"
-            raise RadioDisconnectedError(msg)
-        return item
+        return await self._notifications.receive()
 
     async def disconnect(self) -> None:
         if not self._connected:
