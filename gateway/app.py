@@ -134,7 +134,9 @@ class Daemon:
 
     async def _run(self, store: Store, worker: BlockingWorker) -> None:
         settings = self.settings
-        pipeline = LogPipeline(store, worker, self.topics, batch_size=settings.log.batch_size)
+        pipeline = LogPipeline(
+            store, worker, self.topics, batch_size=settings.log.batch_size, metrics=self.metrics
+        )
         updates = UpdateService(store, worker, self.credentials, self.topics)
         radio = make_radio(settings)
         scheduler = Scheduler(
@@ -146,8 +148,11 @@ class Daemon:
             updates=updates,
             topics=self.topics,
             settings=scheduler_settings(settings),
+            metrics=self.metrics,
         )
-        handler = CommandHandler(store, worker, scheduler, updates, pipeline, self.topics)
+        handler = CommandHandler(
+            store, worker, scheduler, updates, pipeline, self.topics, metrics=self.metrics
+        )
 
         async def remember(jti: str, expires_at: float, now: float) -> bool:
             return await worker.run(store.remember_command, jti, expires_at, now)

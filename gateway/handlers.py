@@ -27,6 +27,7 @@ from gateway.commands import (
     TimeSyncArgs,
 )
 from gateway.device_session import DeviceError, DeviceSession
+from gateway.metrics import Metrics
 from gateway.pairing import decommission_device
 from gateway.pipeline import LogCollectionError, LogPipeline
 from gateway.scheduler import Scheduler, state_payload
@@ -55,8 +56,20 @@ class CommandHandler:
     updates: UpdateService
     pipeline: LogPipeline
     topics: Topics
+    metrics: Metrics | None = None
 
     async def __call__(self, command: Command) -> dict[str, Any]:
+        try:
+            result = await self._carry_out(command)
+        except CommandError:
+            if self.metrics is not None:
+                self.metrics.command(command.op, "failed")
+            raise
+        if self.metrics is not None:
+            self.metrics.command(command.op, "ok")
+        return result
+
+    async def _carry_out(self, command: Command) -> dict[str, Any]:
         try:
             if command.update is not None:
                 return await self._submit(command)

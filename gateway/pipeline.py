@@ -20,6 +20,7 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gateway.device_session import DeviceSession
+from gateway.metrics import Metrics
 from gateway.store import CommitResult, DeviceRecord, OutboxMessage, Store
 from gateway.topics import Topics
 from gateway.worker import BlockingWorker
@@ -75,6 +76,7 @@ class LogPipeline:
     worker: BlockingWorker
     topics: Topics
     batch_size: int = 500
+    metrics: Metrics | None = None
 
     async def collect(self, session: DeviceSession, device: DeviceRecord) -> CollectResult:
         """Collect everything the device holds beyond the stored cursor."""
@@ -92,6 +94,8 @@ class LogPipeline:
             verified = await self._verify(device, batch, device_key, state)
             gaps += verified.gap is not None
             result = await self.worker.run(self._commit, device, batch, verified)
+            if self.metrics is not None:
+                self.metrics.log_records_collected(result.new_events)
             await session.request(LogAck(up_to_sequence=verified.records[-1].sequence), LogAcked)
             batches += 1
             new += result.new_events
@@ -161,6 +165,8 @@ class LogPipeline:
         )
 
     async def _alarm(self, device: DeviceRecord, alarm: str, detail: dict[str, Any]) -> None:
+        if self.metrics is not None and "code" in detail:
+            self.metrics.log_verification_failed(ErrorCode[detail["code"]])
         message = self._alarm_message(
             format_device_id(device.device_id), alarm, detail, time.time()
         )

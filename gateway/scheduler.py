@@ -27,6 +27,7 @@ import structlog
 
 from gateway.device_session import DeviceError, DeviceSession, DeviceUnavailable, SessionError
 from gateway.keys import GatewayCredentials
+from gateway.metrics import Metrics
 from gateway.pipeline import LogCollectionError, LogPipeline, alarm_payload
 from gateway.radio.base import Radio, RadioError, ScanResult
 from gateway.store import DeviceRecord, OutboxMessage, PropagationState, Store
@@ -124,7 +125,9 @@ class Scheduler:
         settings: SchedulerSettings,
         on_outbox: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.radio = radio
         self.store = store
         self.worker = worker
@@ -378,6 +381,7 @@ class Scheduler:
             self._back_off(view)
         finally:
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+            self._count(outcome)
             view.last_session = self.clock()
             view.busy = False
             self._busy -= 1
@@ -426,6 +430,8 @@ class Scheduler:
             return
         result = await session.request(TimeSync(gateway_time_ms=round(now * 1000)), TimeSyncResult)
         drift_ms = result.device_time_before_ms - round(now * 1000) if status.clock else None
+        if self.metrics is not None and drift_ms is not None:
+            self.metrics.clock_drift_observed(drift_ms / 1000)
         await self.worker.run(
             self.store.update_device_status, device.device_id, clock_drift_ms=drift_ms
         )
@@ -474,6 +480,19 @@ class Scheduler:
             if flag in new_alarms
         )
         await self._enqueue(messages)
+
+    def _count(self, outcome: str) -> None:
+        """One finished session for the operators' metrics."""
+        if self.metrics is None:
+            return
+        if outcome == "ok":
+            self.metrics.session("ok")
+        elif outcome == ErrorCode.BUSY.name:
+            self.metrics.session("timeout", ErrorCode.BUSY)
+        elif outcome in ErrorCode.__members__:
+            self.metrics.session("refused", ErrorCode[outcome])
+        else:
+            self.metrics.session("failed")
 
     def _back_off(self, view: DeviceView) -> None:
         view.failures += 1

@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 from bumble.transport.common import AsyncPipeSink
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.authority import SigningRequest, gateway_signing_request, issue
 from gateway.device_session import DeviceError, DeviceSession, DeviceUnavailable, SessionError
 from gateway.keys import GatewayCredentials, GatewayKeys
+from gateway.metrics import Metrics
 from gateway.pairing import WorkOrder, pair_device
 from gateway.pipeline import LogPipeline
 from gateway.radio.base import RadioError
@@ -72,6 +74,7 @@ class Gateway:
     topics: Topics
     pipeline: LogPipeline
     updates: UpdateService
+    metrics: Metrics
 
     async def pair(
         self, device: SimulatedDevice, *, mtu: int = 247, code: PairingCode | None = None
@@ -101,6 +104,7 @@ class Gateway:
             pipeline=self.pipeline,
             updates=self.updates,
             topics=self.topics,
+            metrics=self.metrics,
             settings=SchedulerSettings(
                 slots=2,
                 connect_timeout=5.0,
@@ -180,6 +184,7 @@ async def gateway(fleet: Fleet, tmp_path: Path) -> AsyncIterator[Gateway]:
     authority = Ed25519PrivateKey.generate()
     credentials = credentials_for(authority)
     topics = Topics("lockgw", "gw-test")
+    metrics = Metrics(version="test")
     async with radio, BlockingWorker("store") as worker:
         store = Store.open(tmp_path / "lockgw.sqlite3")
         reader = Store.open(tmp_path / "lockgw.sqlite3")
@@ -192,8 +197,9 @@ async def gateway(fleet: Fleet, tmp_path: Path) -> AsyncIterator[Gateway]:
                 credentials=credentials,
                 authority=authority,
                 topics=topics,
-                pipeline=LogPipeline(store, worker, topics, batch_size=50),
+                pipeline=LogPipeline(store, worker, topics, batch_size=50, metrics=metrics),
                 updates=UpdateService(store, worker, credentials, topics),
+                metrics=metrics,
             )
         finally:
             reader.close()
@@ -413,6 +419,13 @@ async def test_scheduler_pushes_revocation_first_and_collects(
         )
         progress = [row for row in gateway.reader.outbox_peek(1000) if row.kind == "progress"]
         assert json.loads(progress[-1].payload)["summary"]["applied"] == 3
+        samples = {
+            (sample.name, sample.labels.get("outcome")): sample.value
+            for family in text_string_to_metric_families(gateway.metrics.exposition().decode())
+            for sample in family.samples
+        }
+        assert samples[("lockgw_sessions_total", "ok")] >= 6  # two visits to each lock
+        assert samples[("lockgw_log_records_total", None)] > 0
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
