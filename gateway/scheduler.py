@@ -99,6 +99,7 @@ class DeviceView:
     device_id: bytes
     address: str | None = None
     advert: Advert | None = None
+    advert_time: float = 0.0
     last_heard: float | None = None
     last_session: float = 0.0
     failures: int = 0
@@ -205,7 +206,13 @@ class Scheduler:
         view = self.views.get(advert.device_id)
         if view is None:
             return  # paired to someone else, or not yet registered here
-        view.address, view.advert, view.last_heard = result.address, advert, self.clock()
+        now = self.clock()
+        view.address, view.advert, view.advert_time, view.last_heard = (
+            result.address,
+            advert,
+            now,
+            now,
+        )
         if self._need(view, self.clock()) is not None or view.unreachable:
             self.wake()
 
@@ -304,7 +311,10 @@ class Scheduler:
         for kind_priority, version in self._pending_versions.get(view.device_id, {}).items():
             if view.advert is None or self._held(view.advert, kind_priority) < version:
                 needs.append(kind_priority)
-        if view.advert is not None:
+        # An advert heard before the last visit ended describes the device as it was then
+        # (records since collected, alarms since read): acting on it would wake the device
+        # again for nothing.
+        if view.advert is not None and view.advert_time > view.last_session:
             if view.advert.records_waiting:
                 needs.append(Priority.LOG_COLLECTION)
             if view.visited_alarms is None or view.advert.alarms != view.visited_alarms:
