@@ -2,9 +2,10 @@
 
 The gateway is installed as an operator would install it (authority, keys, signing
 request, certificate, configuration: all through the `lockgw` CLI), its devices are paired
-by a technician before it starts, and the registry is played by an MQTT client in the test
-that signs its commands, de-duplicates events and re-verifies every batch against the
-device's registered key.
+by a technician before it starts, and the registry is played by the reference registry
+(:class:`simulators.registry.ReferenceRegistry`), which signs its commands, de-duplicates
+events, re-verifies every batch against the device's registered key and here checks every
+payload against docs/schemas.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiomqtt
 import pytest
@@ -31,15 +31,8 @@ from gateway.radio.bumble import BumbleRadio
 from gateway.store import Store
 from gateway.topics import Topics
 from gateway.worker import BlockingWorker
-from protocols.identity import load_signing_public, parse_device_id
-from protocols.logrecords import (
-    ChainState,
-    LogBatch,
-    decode_checkpoint,
-    decode_record,
-    verify_batch,
-)
 from protocols.pairing import LabelPayload
+from simulators.registry import ReferenceRegistry
 from tests.broker import Mosquitto
 from tests.conftest import Registry, Schemas
 from tests.processes import REPO_ROOT, SimProcess
@@ -146,128 +139,33 @@ async def pair_all(installation: Installation, sim: SimProcess) -> None:
         store.close()
 
 
-@dataclass
-class RegistryClient:
-    """The central registry's view: every message, events de-duplicated and re-verified."""
-
-    registry: Registry
-    broker: Mosquitto
-    schemas: Schemas
-    messages: list[aiomqtt.Message] = field(default_factory=list)
-    validated: dict[str, int] = field(default_factory=dict)
-    keys: dict[str, bytes] = field(default_factory=dict)
-    chains: dict[str, ChainState] = field(default_factory=dict)
-    events: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
-    duplicates: int = 0
-    responses: dict[str | None, dict[str, Any]] = field(default_factory=dict)
-    progress: dict[str, dict[str, Any]] = field(default_factory=dict)
-    status: str | None = None
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def run(self) -> None:
-        """Stay subscribed across broker restarts, with a persistent session."""
-        while True:
-            try:
-                async with self._client() as client:
-                    await client.subscribe("lockgw/#", qos=1)
-                    async for message in client.messages:
-                        self._take(message)
-            except aiomqtt.MqttError:
-                await asyncio.sleep(0.1)
-
-    def _client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
-            self.broker.host,
-            self.broker.port,
-            identifier="registry-test",
-            clean_session=False,
-            protocol=aiomqtt.ProtocolVersion.V311,
-        )
-
-    def _take(self, message: aiomqtt.Message) -> None:
-        self.messages.append(message)
-        topic = str(message.topic)
-        if topic.endswith("/commands") or not isinstance(message.payload, bytes):
-            return  # the registry's own signed commands, or a cleared retained topic
-        schema = _schema_for(topic)
-        body = self.schemas.validate(schema, message.payload)  # every payload, as published
-        self.validated[schema] = self.validated.get(schema, 0) + 1
-        if topic.endswith("/status"):
-            self.status = body["state"]
-        elif topic.endswith("/registrations") and body["action"] == "registered":
-            self.keys[body["device_id"]] = bytes.fromhex(body["signing_key"])
-        elif topic.endswith("/events"):
-            self._events(body)
-        elif topic.endswith("/responses"):
-            self.responses[body["id"]] = body
-        elif topic.endswith("/progress"):
-            self.progress[body["update_id"]] = body
-        self.wake.set()
-
-    def _events(self, body: dict[str, Any]) -> None:
-        device = body["device_id"]
-        stored = self.events.setdefault(device, {})
-        if all(event["sequence"] in stored for event in body["events"]):
-            self.duplicates += 1
-            return
-        raw = body["raw"]
-        data = bytes.fromhex(raw["records"])
-        batch = LogBatch(
-            start_sequence=raw["start_sequence"],
-            start_head=bytes.fromhex(raw["start_head"]),
-            records=tuple(decode_record(data[i : i + 30]) for i in range(0, len(data), 30)),
-            checkpoint=decode_checkpoint(bytes.fromhex(raw["checkpoint"])),
-        )
-        device_id = parse_device_id(device)
-        verified = verify_batch(
-            batch,
-            device_id=device_id,
-            device_key=load_signing_public(self.keys[device]),
-            state=self.chains.get(device, ChainState.genesis(device_id)),
-        )
-        self.chains[device] = verified.state
-        for event in body["events"]:
-            stored[event["sequence"]] = event
-
-    async def until(self, condition: Callable[[], bool], what: str, within: float = WAIT) -> None:
-        async with asyncio.timeout(within):
-            while not condition():
-                self.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.5):
-                        await self.wake.wait()
-        assert condition(), what
-
-    async def command(
-        self, client: aiomqtt.Client, op: str, args: dict[str, Any], *, fleet: bool = False
-    ) -> dict[str, Any]:
-        claims = self.registry.claims(op, args, gateway="*" if fleet else GATEWAY_ID)
-        topic = "lockgw/fleet/commands" if fleet else f"lockgw/gw/{GATEWAY_ID}/commands"
-        await client.publish(topic, self.registry.sign(claims), qos=1)
-        await self.until(lambda: claims["id"] in self.responses, f"a response to {op}")
-        return self.responses[claims["id"]]
-
-    def kinds(self, device: str) -> list[tuple[str, str, int]]:
-        return [
-            (e["event"], e["reason"], e["key_id"])
-            for _, e in sorted(self.events.get(device, {}).items())
-        ]
+def make_registry(
+    installation: Installation, broker: Mosquitto, schemas: Schemas
+) -> ReferenceRegistry:
+    """The reference registry with the installation's keys, checking every payload."""
+    keys = installation.registry
+    return ReferenceRegistry(
+        host=broker.host,
+        port=broker.port,
+        key=keys.key,
+        certificate=keys.certificate,
+        authority=keys.authority.public_key(),
+        client_id="registry-test",
+        validator=schemas,
+    )
 
 
-def _schema_for(topic: str) -> str:
-    for suffix, schema in [
-        ("/status", "status"),
-        ("/registrations", "registration"),
-        ("/events", "events"),
-        ("/responses", "response"),
-        ("/progress", "progress"),
-        ("/alarms", "alarm"),
-        ("/state", "device-state"),
-    ]:
-        if topic.endswith(suffix):
-            return schema
-    msg = f"no schema for topic {topic}"
-    raise AssertionError(msg)
+def kinds(registry: ReferenceRegistry, device: str) -> list[tuple[str, str, int]]:
+    """(event, reason, key id) of the device's accepted events, in sequence order."""
+    return [
+        (e["event"], e["reason"], e["key_id"])
+        for _, e in sorted(registry.events.get(device, {}).items())
+    ]
+
+
+def online(registry: ReferenceRegistry) -> bool:
+    status = registry.gateways.get(GATEWAY_ID)
+    return status is not None and status.state == "online"
 
 
 @pytest.fixture
@@ -305,84 +203,90 @@ async def test_daemon_collects_revokes_and_survives_a_broker_outage(
     )
     log = tmp_path / "daemon.log"
     daemon: asyncio.subprocess.Process | None = None
-    registry: RegistryClient | None = None
+    registry: ReferenceRegistry | None = None
     listener: asyncio.Task[None] | None = None
     try:
         installation = install(tmp_path / "gw", transport=sim.ready["transport"], broker=broker)
         await pair_all(installation, sim)
         devices = [device["device_id"] for device in sim.ready["devices"]]
-        registry = RegistryClient(installation.registry, broker, schemas)
+        registry = make_registry(installation, broker, schemas)
         listener = asyncio.create_task(registry.run())
         daemon = await start_daemon(installation.config, log)
+        reg = registry  # narrowed, for the lambdas
+        await reg.wait_for(lambda: online(reg), WAIT, "the gateway online")
+        # Pairing happened while the daemon was down: the registrations waited in the
+        # outbox and arrive now, with the keys the registry verifies events against.
+        await reg.wait_for(lambda: set(reg.registrations) == set(devices), WAIT, "registrations")
+        assert {r.gateway for r in reg.registrations.values()} == {GATEWAY_ID}
+        await reg.wait_for(
+            lambda: all(("PAIRED", "REMOTE", 0) in kinds(reg, d) for d in devices),
+            WAIT,
+            "the pairing events collected and verified",
+        )
+
+        now = int(time.time())
+        entries = [{"key_id": KEY, "valid_from": now - 3600, "valid_until": now + 86400,
+                    "windows": [{"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+                                 "start": "00:00", "end": "24:00"}]}]  # fmt: skip
+        answer = await reg.set_access(
+            "access-1",
+            {"kind": "site", "site_id": SITE},
+            entries,
+            version=1,
+            expires_at=now + 3600,
+            gateway=GATEWAY_ID,
+            timeout=WAIT,
+        )
+        assert answer["status"] == "ok", answer
+        await reg.wait_for(
+            lambda: reg.coverage("access-1")["applied"] == 2,
+            WAIT,
+            "the access list applied on both locks",
+        )
+        for device in devices:
+            reply = await sim.command(cmd="present_key", device_id=device, key_id=KEY,
+                                      activation_expires_at=now + 3600)  # fmt: skip
+            assert reply["granted"], reply
+
+        answer = await reg.revoke(
+            "revoke-4711", [KEY], prune_after=now + 90 * 86400, expires_at=now + 3600, timeout=WAIT
+        )
+        assert answer["status"] == "ok", answer
+        assert reg.revocation_version == 1
+        await reg.wait_for(
+            lambda: reg.coverage("revoke-4711") == {
+                "applied": 2, "pending": 0, "failed": 0, "unreachable": 0
+            },
+            WAIT,
+            "the revocation applied on both locks",
+        )  # fmt: skip
+        for device in devices:
+            reply = await sim.command(cmd="present_key", device_id=device, key_id=KEY,
+                                      activation_expires_at=now + 3600)  # fmt: skip
+            assert not reply["granted"]
+            assert reply["reason"] == "KEY_REVOKED"
+        await reg.wait_for(
+            lambda: all(("ACCESS_DENIED", "KEY_REVOKED", KEY) in kinds(reg, d) for d in devices),
+            WAIT,
+            "the refusals reach the registry",
+        )
+        answer = await reg.get_state(GATEWAY_ID, timeout=WAIT)
+        assert answer["status"] == "ok", answer
+
         async with aiomqtt.Client(
             broker.host, broker.port, identifier=f"sender-{uuid.uuid4().hex[:6]}"
         ) as sender:
-            await registry.until(lambda: registry.status == "online", "the gateway online")
-            # Pairing happened while the daemon was down: the registrations waited in the
-            # outbox and arrive now, with the keys the registry verifies events against.
-            await registry.until(lambda: set(registry.keys) == set(devices), "registrations")
-            await registry.until(
-                lambda: all(("PAIRED", "REMOTE", 0) in registry.kinds(d) for d in devices),
-                "the pairing events collected and verified",
-            )
-
-            now = int(time.time())
-            access = {
-                "update_id": "access-1", "target": {"kind": "site", "site_id": SITE},
-                "mode": "full", "version": 1, "base_version": 0,
-                "entries": [{"key_id": KEY, "valid_from": now - 3600, "valid_until": now + 86400,
-                             "windows": [{"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
-                                          "start": "00:00", "end": "24:00"}]}],
-                "removed": [], "expires_at": now + 3600,
-            }  # fmt: skip
-            answer = await registry.command(sender, "set_access", access)
-            assert answer["status"] == "ok", answer
-            await registry.until(
-                lambda: (
-                    registry.progress.get("access-1", {}).get("summary", {}).get("applied") == 2
-                ),
-                "the access list applied on both locks",
-            )
-            for device in devices:
-                reply = await sim.command(cmd="present_key", device_id=device, key_id=KEY,
-                                          activation_expires_at=now + 3600)  # fmt: skip
-                assert reply["granted"], reply
-
-            revoke = {
-                "update_id": "revoke-4711", "version": 1, "target": {"kind": "fleet"},
-                "revocations": [{"key_id": KEY, "prune_after": now + 90 * 86400}],
-                "expires_at": now + 3600,
-            }  # fmt: skip
-            answer = await registry.command(sender, "revoke", revoke, fleet=True)
-            assert answer["status"] == "ok", answer
-            await registry.until(
-                lambda: (
-                    registry.progress.get("revoke-4711", {}).get("summary", {}).get("applied") == 2
-                ),
-                "the revocation applied on both locks",
-            )
-            for device in devices:
-                reply = await sim.command(cmd="present_key", device_id=device, key_id=KEY,
-                                          activation_expires_at=now + 3600)  # fmt: skip
-                assert not reply["granted"]
-                assert reply["reason"] == "KEY_REVOKED"
-            await registry.until(
-                lambda: all(
-                    ("ACCESS_DENIED", "KEY_REVOKED", KEY) in registry.kinds(d) for d in devices
-                ),
-                "the refusals reach the registry",
-            )
-
             await sender.publish(f"lockgw/gw/{GATEWAY_ID}/commands", b"not a command", qos=1)
-            await registry.until(
-                lambda: (
-                    registry.responses.get(None, {}).get("error", {}).get("code") == "malformed"
+            await reg.wait_for(
+                lambda: any(
+                    r["id"] is None and r["error"]["code"] == "malformed" for r in reg.uncorrelated
                 ),
+                WAIT,
                 "the garbage command answered with a typed error",
             )
 
         # The broker goes away while the locks keep logging; nothing may be lost.
-        before = {device: len(registry.events.get(device, {})) for device in devices}
+        before = {device: len(reg.events.get(device, {})) for device in devices}
         broker.stop()
         for _ in range(15):
             for device in devices:
@@ -390,11 +294,12 @@ async def test_daemon_collects_revokes_and_survives_a_broker_outage(
                 await sim.command(cmd="door", device_id=device, state="closed")
         await asyncio.sleep(2.0)  # collected into the store while the broker is down
         broker.start()
-        await registry.until(
-            lambda: all(len(registry.events.get(d, {})) >= before[d] + 30 for d in devices),
+        await reg.wait_for(
+            lambda: all(len(reg.events.get(d, {})) >= before[d] + 30 for d in devices),
+            60,
             "every event logged during the outage",
-            within=60,
         )
+        assert reg.connections >= 2, "the registry reconnected with its session"
         for device in devices:
             sequences = sorted(registry.events[device])
             assert sequences == list(range(len(sequences))), "no gap, no duplicate"
@@ -412,6 +317,9 @@ async def test_daemon_collects_revokes_and_survives_a_broker_outage(
     assert {"status", "registration", "events", "response", "progress", "device-state"} <= set(
         registry.validated
     ), registry.validated
+    assert registry.invalid == [], registry.invalid  # every payload matched its schema
+    assert registry.failures == [], registry.failures  # every batch re-verified
+    assert registry.gaps == []
     await asyncio.sleep(0)  # the offline status is retained for anyone who asks now
     async with aiomqtt.Client(broker.host, broker.port, identifier="late") as late:
         await late.subscribe(f"lockgw/gw/{GATEWAY_ID}/status", qos=1)
