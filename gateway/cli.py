@@ -8,7 +8,9 @@ file, 1 for anything else that failed.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -17,6 +19,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway import audit
 from gateway.authority import (
     SigningRequest,
     SigningRequestError,
@@ -28,11 +31,14 @@ from gateway.config import ConfigError, load_config
 from gateway.keys import (
     GatewayKeys,
     KeyFileError,
+    load_public_key,
     load_signing_key,
     public_key_pem,
     save_gateway_keys,
     save_signing_key,
 )
+from gateway.store import Store
+from gateway.topics import Topics
 from protocols.enums import DeviceKind
 from protocols.envelopes import Scope, encode_certificate
 from protocols.errors import ProtocolError
@@ -117,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("--organisation-wide", action="store_true", help="every device in scope")
     sign.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     sign.set_defaults(handler=_authority_issue)
+    _add_audit_commands(commands)
     return parser
 
 
@@ -138,8 +145,6 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> int:
-    from gateway.store import Store  # noqa: PLC0415 - only this command needs the store
-
     settings = load_config(args.config)
     path = settings.gateway.store_path
     if not path.exists():
@@ -258,6 +263,104 @@ def _refuse_overwrite(path: Path) -> None:
     if path.exists():
         msg = f"{path} exists; refusing to overwrite a private key"
         raise CliError(msg, 2)
+
+
+# ------------------------------------------------------------------------------- audit
+
+
+def _add_audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = commands.add_parser("audit", help="auditors' exports of device event logs")
+    audit_commands = audit.add_subparsers(required=True, metavar="ACTION")
+    export = audit_commands.add_parser(
+        "export",
+        help="export a device's verified events in a time range (exit 1 if not intact)",
+    )
+    export.add_argument("--config", type=Path, required=True)
+    export.add_argument("--device", required=True, help="device id, 16 hex digits")
+    export.add_argument("--from", dest="time_from", required=True, help="ISO 8601 or unix")
+    export.add_argument("--to", dest="time_to", required=True, help="ISO 8601 or unix")
+    export.add_argument("--format", choices=("json", "csv", "html"), default="json")
+    export.add_argument("--out", type=Path, required=True, help="file to write (mode 600)")
+    export.add_argument("--reveal", action="store_true", help="show real staff key ids")
+    export.add_argument("--reason", help="why key ids are revealed (required with --reveal)")
+    export.add_argument("--auditor", help="who exports (default: the login name)")
+    export.set_defaults(handler=_audit_export)
+    verify = audit_commands.add_parser("verify", help="re-verify a JSON export offline")
+    verify.add_argument("file", type=Path)
+    verify.add_argument(
+        "--device-key", required=True, help="the device's public key: hex, or a key file"
+    )
+    verify.set_defaults(handler=_audit_verify)
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    if args.reveal and not (args.reason or "").strip():
+        msg = "--reveal needs --reason: revealing staff key ids must be justified"
+        raise CliError(msg, 2)
+    if args.reason is not None and not args.reveal:
+        msg = "--reason is only meaningful with --reveal"
+        raise CliError(msg, 2)
+    try:
+        device_id = parse_device_id(args.device)
+        time_from = audit.parse_time(args.time_from)
+        time_to = audit.parse_time(args.time_to, end_of_day=True)
+    except (ProtocolError, audit.AuditError) as exc:
+        raise CliError(str(exc), 2) from exc
+    auditor = args.auditor if args.auditor is not None else getpass.getuser()
+    settings = load_config(args.config)
+    path = settings.gateway.store_path
+    if not path.exists():
+        msg = f"no store at {path}: the gateway has not run yet"
+        raise CliError(msg)
+    with Store.open(path) as store:
+        try:
+            result = audit.export(
+                store,
+                device_id,
+                time_from=time_from,
+                time_to=time_to,
+                reveal_reason=args.reason if args.reveal else None,
+                auditor=auditor,
+                now=time.time(),
+                topics=Topics(settings.mqtt.prefix, settings.gateway.id),
+                fmt=args.format,
+            )
+        except audit.AuditError as exc:
+            raise CliError(str(exc)) from exc
+    text = audit.render(result, args.format)
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
+    except OSError as exc:
+        msg = f"{args.out}: {exc.strerror or exc}"
+        raise CliError(msg) from exc
+    verification = result.verification
+    sys.stdout.write(
+        f"{args.out}: {len(result.in_range)} records of {args.device}, "
+        f"{'key ids revealed' if args.reveal else 'key ids pseudonymised'}; "
+        f"{verification.summary()}\n"
+    )
+    return 0 if verification.intact else 1
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    key_arg: str = args.device_key
+    key_path = Path(key_arg)
+    if key_path.is_file():
+        device_key = load_public_key(key_path).public_bytes_raw()
+    else:
+        try:
+            device_key = bytes.fromhex(key_arg.strip())
+        except ValueError as exc:
+            msg = f"--device-key {key_arg!r} is neither a key file nor hex"
+            raise CliError(msg, 2) from exc
+        if len(device_key) != 32:
+            msg = f"--device-key must be 32 bytes (64 hex digits), got {len(device_key)}"
+            raise CliError(msg, 2)
+    result = audit.verify_file(args.file, device_key)
+    sys.stdout.write(f"{args.file}: {result.summary()}\n")
+    return 0 if result.intact else 1
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ class Topics:
         return f"{self.base}/alarms"
 
     @property
+    def audit(self) -> str:
+        """Where every auditor's export is recorded (gateway.audit)."""
+        return f"{self.base}/audit"
+
+    @property
     def registrations(self) -> str:
         return f"{self.base}/registrations"
 
