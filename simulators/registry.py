@@ -321,7 +321,7 @@ class ReferenceRegistry:
     async def wait_for(
         self,
         predicate: Callable[[], bool],
-        timeout: float,  # noqa: ASYNC109 - the callers' bound, as the brief of this helper says
+        timeout: float,  # noqa: ASYNC109 - a bound the caller chooses for the whole wait
         what: str = "a condition",
     ) -> None:
         """Return once ``predicate()`` holds (checked after every message); else TimeoutError."""
@@ -580,7 +580,7 @@ class ReferenceRegistry:
         args: Mapping[str, Any],
         *,
         gateway: str | None = None,
-        timeout: float = 30.0,  # noqa: ASYNC109
+        timeout: float = 30.0,  # noqa: ASYNC109 - how long to wait for the gateways to answer
     ) -> dict[str, Any]:
         """Sign and send a command, and return the response body (its ``result`` or error).
 
@@ -635,7 +635,7 @@ class ReferenceRegistry:
         expires_at: int,
         *,
         version: int | None = None,
-        timeout: float = 30.0,  # noqa: ASYNC109
+        timeout: float = 30.0,  # noqa: ASYNC109 - how long to wait for the gateways to answer
     ) -> dict[str, Any]:
         """Revoke ``key_ids`` fleet-wide, sending the full list of every key revoked so far.
 
@@ -684,7 +684,7 @@ class ReferenceRegistry:
         base_version: int = 0,
         removed: Iterable[int] = (),
         gateway: str | None = None,
-        timeout: float = 30.0,  # noqa: ASYNC109
+        timeout: float = 30.0,  # noqa: ASYNC109 - how long to wait for the gateways to answer
     ) -> dict[str, Any]:
         """Send an access list for a site or device target (to ``gateway``, or the fleet)."""
         self._targets[update_id] = dict(target)
@@ -707,7 +707,7 @@ class ReferenceRegistry:
         time_from: int,
         time_to: int,
         *,
-        timeout: float = 30.0,  # noqa: ASYNC109
+        timeout: float = 30.0,  # noqa: ASYNC109 - how long to wait for the gateways to answer
     ) -> dict[str, Any]:
         """Ask ``gateway`` for ``device_id``'s stored events from ``time_from`` to ``time_to``."""
         args = {"device_id": device_id, "from": time_from, "to": time_to}
@@ -718,7 +718,7 @@ class ReferenceRegistry:
         gateway: str,
         device_id: str | None = None,
         *,
-        timeout: float = 30.0,  # noqa: ASYNC109
+        timeout: float = 30.0,  # noqa: ASYNC109 - how long to wait for the gateways to answer
     ) -> dict[str, Any]:
         """The state of one device at ``gateway``, or (None) of all of them."""
         args = {"device_id": device_id}
@@ -731,7 +731,7 @@ class ReferenceRegistry:
         work_order: str,
         consent_reference: str,
         *,
-        timeout: float = 30.0,  # noqa: ASYNC109
+        timeout: float = 30.0,  # noqa: ASYNC109 - how long to wait for the gateways to answer
     ) -> dict[str, Any]:
         """Confirm a pairing ``gateway`` announced."""
         args = {
@@ -749,7 +749,7 @@ class ReferenceRegistry:
         *,
         override: str | None = None,
         force: bool = False,
-        timeout: float = 30.0,  # noqa: ASYNC109
+        timeout: float = 30.0,  # noqa: ASYNC109 - how long to wait for the gateways to answer
     ) -> dict[str, Any]:
         """Take ``device_id`` out of service, unless another service still needs it.
 

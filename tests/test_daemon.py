@@ -48,34 +48,55 @@ class Installation:
     root: Path
     config: Path
     registry: Registry
+    gateway_id: str = GATEWAY_ID
+    site: int = SITE
 
 
-def install(root: Path, *, transport: str, broker: Mosquitto) -> Installation:
+def organisation(root: Path) -> Path:
+    """The authority and the registry's key and certificate, made with the CLI."""
+    root.mkdir(parents=True, exist_ok=True)
+    _cli(root, ["authority", "init", "--key", "authority.key", "--public", "authority.pub"])
+    _cli(root, ["authority", "registry-key", "--subject", "registry", "--key", "registry.key",
+                "--request", "registry.req"])  # fmt: skip
+    _cli(root, ["authority", "issue", "--key", "authority.key", "--request", "registry.req",
+                "--out", "registry.cert", "--organisation-wide"])  # fmt: skip
+    return root
+
+
+def _cli(root: Path, step: list[str]) -> None:
+    argv = [str(root / part) if part.endswith((".key", ".pub", ".req", ".cert")) else part
+            for part in step]  # fmt: skip
+    assert cli.main(argv) == 0, step
+
+
+def install(
+    root: Path,
+    *,
+    transport: str,
+    broker: Mosquitto,
+    org: Path | None = None,
+    gateway_id: str = GATEWAY_ID,
+    site: int = SITE,
+    unreachable_after: str = "6h",
+) -> Installation:
     """A gateway installation made with the CLI, as an operator would make it."""
     root.mkdir(parents=True, exist_ok=True)
-    steps = [
-        ["authority", "init", "--key", "authority.key", "--public", "authority.pub"],
-        ["keys", "generate", "--id", GATEWAY_ID, "--key", "gateway.key", "--request", "gw.req"],
-        ["authority", "issue", "--key", "authority.key", "--request", "gw.req",
-         "--out", "gateway.cert", "--sites", str(SITE)],
-        ["authority", "registry-key", "--subject", "registry", "--key", "registry.key",
-         "--request", "registry.req"],
-        ["authority", "issue", "--key", "authority.key", "--request", "registry.req",
-         "--out", "registry.cert", "--organisation-wide"],
-    ]  # fmt: skip
-    for step in steps:
-        argv = [str(root / part) if part.endswith((".key", ".pub", ".req", ".cert")) else part
-                for part in step]  # fmt: skip
-        assert cli.main(argv) == 0, step
+    org = org or organisation(root)
+    authority = org / "authority.key"
+    _cli(root, ["keys", "generate", "--id", gateway_id, "--key", "gateway.key",
+                "--request", "gw.req"])  # fmt: skip
+    assert cli.main(["authority", "issue", "--key", str(authority), "--request",
+                     str(root / "gw.req"), "--out", str(root / "gateway.cert"),
+                     "--sites", str(site)]) == 0  # fmt: skip
     config = root / "gateway.toml"
     config.write_text(
         f"""
 [gateway]
-id = "{GATEWAY_ID}"
+id = "{gateway_id}"
 state_dir = "state"
 key_file = "gateway.key"
 certificate_file = "gateway.cert"
-authority_key_file = "authority.pub"
+authority_key_file = "{org / "authority.pub"}"
 
 [radio]
 backend = "bumble"
@@ -86,6 +107,7 @@ mtu = 247
 slots = 2
 backoff_initial = "500ms"
 backoff_max = "3s"
+unreachable_after = "{unreachable_after}"
 
 [mqtt]
 host = "{broker.host}"
@@ -103,19 +125,19 @@ enabled = false
         encoding="utf-8",
     )
     registry = Registry(
-        authority=load_signing_key(root / "authority.key"),
-        key=load_signing_key(root / "registry.key"),
-        gateway_id=GATEWAY_ID,
-        certificate=(root / "registry.cert").read_bytes(),
+        authority=load_signing_key(authority),
+        key=load_signing_key(org / "registry.key"),
+        gateway_id=gateway_id,
+        certificate=(org / "registry.cert").read_bytes(),
     )
-    return Installation(root, config, registry)
+    return Installation(root, config, registry, gateway_id, site)
 
 
 async def pair_all(installation: Installation, sim: SimProcess) -> None:
     """The technician's visit: pair every simulated device before the daemon starts."""
     root = installation.root
     credentials = load_credentials(
-        root / "gateway.key", root / "gateway.cert", root / "authority.pub"
+        root / "gateway.key", root / "gateway.cert", installation_authority(installation)
     )
     (root / "state").mkdir(exist_ok=True)
     store = Store.open(root / "state" / "lockgw.sqlite3")
@@ -128,15 +150,23 @@ async def pair_all(installation: Installation, sim: SimProcess) -> None:
                     address=device["address"],
                     device_id=label.device_id,
                     code=label.code,
-                    site_id=SITE,
+                    site_id=installation.site,
                     order=WorkOrder(f"WO-{device['device_id'][:6]}", "owner-consent-1"),
                     credentials=credentials,
                     store=store,
                     worker=worker,
-                    topics=Topics("lockgw", GATEWAY_ID),
+                    topics=Topics("lockgw", installation.gateway_id),
                 )
     finally:
         store.close()
+
+
+def installation_authority(installation: Installation) -> Path:
+    for line in installation.config.read_text(encoding="utf-8").splitlines():
+        if line.startswith("authority_key_file"):
+            return Path(line.split("=", 1)[1].strip().strip('"'))
+    msg = "no authority_key_file in the configuration"
+    raise AssertionError(msg)
 
 
 def make_registry(
@@ -335,3 +365,104 @@ def test_bad_configuration_exits_78_naming_the_field(tmp_path: Path) -> None:
     config.write_text('[gateway]\nid = "Bad Id!"\n[mqtt]\nhost = "x"\n', encoding="utf-8")
     assert cli.main(["run", "--config", str(config)]) == cli.EX_CONFIG
     assert cli.main(["check-config", "--config", str(tmp_path / "absent.toml")]) == cli.EX_CONFIG
+
+
+async def test_fleet_revocation_across_three_gateways(
+    tmp_path: Path, broker: Mosquitto, schemas: Schemas
+) -> None:
+    """Journey 2: a lost key is revoked fleet-wide; every gateway signs and pushes it to its
+    own locks; a lock switched off during the push is reported unreachable and gets the
+    update when it returns; the revoked key is refused afterwards and the refusal reaches
+    the registry."""
+    org = organisation(tmp_path / "org")
+    sims: list[SimProcess] = []
+    daemons: list[tuple[asyncio.subprocess.Process, Path]] = []
+    listener: asyncio.Task[None] | None = None
+    try:
+        installations = []
+        for index in range(3):
+            sim = await SimProcess.start(
+                "--locks", "2", "--serve", "tcp-server:127.0.0.1:0",
+                "--advertising-interval", "0.05",
+            )  # fmt: skip
+            sims.append(sim)
+            installation = install(
+                tmp_path / f"gw-{index}",
+                transport=sim.ready["transport"],
+                broker=broker,
+                org=org,
+                gateway_id=f"gw-{index}",
+                site=40 + index,
+                unreachable_after="2s",
+            )
+            await pair_all(installation, sim)
+            installations.append(installation)
+        registry = make_registry(installations[0], broker, schemas)
+        listener = asyncio.create_task(registry.run())
+        for installation in installations:
+            log = installation.root / "daemon.log"
+            daemons.append((await start_daemon(installation.config, log), log))
+        await registry.wait_for(
+            lambda: all(
+                (status := registry.gateways.get(f"gw-{index}")) is not None
+                and status.state == "online"
+                for index in range(3)
+            ),
+            WAIT,
+            "three gateways online",
+        )
+        devices = {sim.ready["devices"][0]["device_id"] for sim in sims} | {
+            sim.ready["devices"][1]["device_id"] for sim in sims
+        }
+        await registry.wait_for(lambda: set(registry.registrations) == devices, WAIT, "six locks")
+        switched_off = sims[2].ready["devices"][1]["device_id"]
+        reply = await sims[2].command(cmd="power", device_id=switched_off, on=False)
+        assert reply["ok"], reply
+
+        now = int(time.time())
+        answer = await registry.revoke("lost-key-4711", [KEY], now + 90 * 86400, now + 3600)
+        assert answer["status"] == "ok", answer
+        await registry.wait_for(
+            lambda: registry.coverage("lost-key-4711") == {
+                "applied": 5, "pending": 0, "failed": 0, "unreachable": 1
+            },
+            WAIT,
+            "five locks applied, the switched-off one reported unreachable",
+        )  # fmt: skip
+        progress = registry.progress["lost-key-4711"]
+        assert progress[switched_off].state == "unreachable"
+        assert {report.gateway for report in progress.values()} == {"gw-0", "gw-1", "gw-2"}
+
+        reply = await sims[2].command(cmd="power", device_id=switched_off, on=True)
+        assert reply["ok"], reply
+        await registry.wait_for(
+            lambda: registry.coverage("lost-key-4711")["applied"] == 6,
+            WAIT,
+            "the returning lock catches up",
+        )
+        for sim in sims:
+            for device in sim.ready["devices"]:
+                reply = await sim.command(
+                    cmd="present_key", device_id=device["device_id"], key_id=KEY,
+                    activation_expires_at=now + 3600,
+                )  # fmt: skip
+                assert not reply["granted"]
+                assert reply["reason"] == "KEY_REVOKED"
+        await registry.wait_for(
+            lambda: all(
+                ("ACCESS_DENIED", "KEY_REVOKED", KEY) in kinds(registry, d) for d in devices
+            ),
+            WAIT,
+            "every refusal reaches the registry",
+        )
+        assert not registry.failures
+    finally:
+        for process, log in daemons:
+            code = await stop_daemon(process)
+            assert code == 0, log.read_text()[-3000:]
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        for sim in sims:
+            await sim.finish()

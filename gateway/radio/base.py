@@ -216,7 +216,7 @@ class Radio(ABC):
         mtu: int = MAX_ATT_MTU,
         # The radio's own timeout (as in bleak): on expiry a backend must cancel the pending
         # connection at the controller, which an outer asyncio.timeout cannot do.
-        timeout: float = DEFAULT_CONNECT_TIMEOUT,  # noqa: ASYNC109
+        timeout: float = DEFAULT_CONNECT_TIMEOUT,  # noqa: ASYNC109 - the radio cancels at the controller
     ) -> Link:
         """Connect, exchange the ATT MTU (up to ``mtu``), discover the lockgw service, subscribe
         to its notifications, and only then return the link.

@@ -289,7 +289,7 @@ class BleakLink(Link):
 
     # bleak's own connect timeout: on expiry bleak cancels the pending connection at BlueZ,
     # which an outer asyncio.timeout cannot do.
-    async def open_client(self, *, timeout: float) -> None:  # noqa: ASYNC109
+    async def open_client(self, *, timeout: float) -> None:  # noqa: ASYNC109 - passed to bleak, which cancels at BlueZ
         """Create the bleak client and connect it (one attempt; bleak's connect includes
         service discovery, limited to the lockgw service). Raises bleak's exceptions.
 
@@ -610,7 +610,7 @@ class BleakRadio(Radio):
         mtu: int = MAX_ATT_MTU,
         # The radio API's own timeout (as in bleak): on expiry bleak cancels the pending
         # connection at BlueZ, which an outer asyncio.timeout cannot do.
-        timeout: float = DEFAULT_CONNECT_TIMEOUT,  # noqa: ASYNC109
+        timeout: float = DEFAULT_CONNECT_TIMEOUT,  # noqa: ASYNC109 - the radio cancels at the controller
     ) -> BleakLink:
         """Connect to ``address`` (as a :class:`ScanResult` spells it).
 

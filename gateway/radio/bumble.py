@@ -472,7 +472,7 @@ class BumbleRadio(Radio):
         mtu: int = MAX_ATT_MTU,
         # The radio API's own timeout (as in bleak): on expiry the pending connection must be
         # cancelled at the controller, which an outer asyncio.timeout cannot do.
-        timeout: float = DEFAULT_CONNECT_TIMEOUT,  # noqa: ASYNC109
+        timeout: float = DEFAULT_CONNECT_TIMEOUT,  # noqa: ASYNC109 - the radio cancels at the controller
     ) -> BumbleLink:
         if not MIN_ATT_MTU <= mtu <= MAX_ATT_MTU:
             msg = f"MTU {mtu} outside {MIN_ATT_MTU}..{MAX_ATT_MTU}"
