@@ -9,6 +9,7 @@ scheduler's queue for one device, or an answer from the store. Failures are type
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar, Final
 
+from gateway import audit
 from gateway.commands import (
     Command,
     CommandError,
@@ -42,6 +44,8 @@ from protocols.messages import TimeSync, TimeSyncResult
 NOT_FOUND: Final = "not_found"
 DEVICE_ERROR: Final = "device_error"
 LOG_VERIFICATION_FAILED: Final = "log_verification_failed"
+PULL_COLLECT_TIMEOUT: Final = 30.0
+"""Seconds an audit pull waits for the device's newest records before answering."""
 
 _Handler = Callable[["CommandHandler", Command], Awaitable[dict[str, Any]]]
 
@@ -110,27 +114,30 @@ class CommandHandler:
 
         collected = True
         try:
-            await self.scheduler.request(device.device_id, Priority.AUDIT_PULL, collect)
-        except DeviceError:
-            collected = False  # answer from the store, and say the device was not reached
-        rows = await self.worker.run(
-            self.store.events_for, device.device_id, time_from=args.time_from, time_to=args.time_to
-        )
+            # Newer records may wait on the device: collect first, but not for ever; a lock
+            # out of reach is answered from the store, and the answer says so.
+            async with asyncio.timeout(PULL_COLLECT_TIMEOUT):
+                await self.scheduler.request(device.device_id, Priority.AUDIT_PULL, collect)
+        except (DeviceError, TimeoutError):
+            collected = False
+        try:
+            exported = await self.worker.run(
+                audit.export,
+                self.store,
+                device.device_id,
+                time_from=args.time_from,
+                time_to=args.time_to,
+                reveal_reason=None,
+                auditor=f"registry:{command.registry_subject}",
+                now=time.time(),
+                topics=self.topics,
+            )
+        except audit.AuditError as exc:
+            raise CommandError(ErrorCode.BAD_ARGS, str(exc)) from exc
         return {
             "device_id": format_device_id(device.device_id),
             "collected_from_device": collected,
-            "events": [
-                {
-                    "sequence": row.sequence,
-                    "time": row.time,
-                    "event": row.event,
-                    "reason": row.reason,
-                    "key_id": row.key_id,
-                    "payload": row.payload.hex(),
-                    "published": row.published_at is not None,
-                }
-                for row in rows
-            ],
+            "export": exported.document,
         }
 
     async def _time_sync(self, command: Command) -> dict[str, Any]:

@@ -92,6 +92,7 @@ _SCHEMA_FOR_SUFFIX: Final = (
     ("/responses", "response"),
     ("/progress", "progress"),
     ("/alarms", "alarm"),
+    ("/audit", "audit"),
     ("/state", "device-state"),
 )
 
@@ -244,6 +245,8 @@ class ReferenceRegistry:
         self.failures: list[VerificationFailure] = []
         self.gaps: list[GapReport] = []
         self.alarms: list[dict[str, Any]] = []
+        self.audits: list[dict[str, Any]] = []
+        """Every export of a door log any gateway reported: who read what, and why."""
         self.device_states: dict[str, dict[str, Any]] = {}
         self.progress: dict[str, dict[str, DeviceProgress]] = {}
         """Per update id: device id -> its latest reported progress, from any gateway."""
@@ -400,6 +403,8 @@ class ReferenceRegistry:
             self._response(gateway, body)
         elif schema == "alarm":
             self.alarms.append(body)
+        elif schema == "audit":
+            self.audits.append(body)
         elif schema == "device-state":
             self.device_states[body["device_id"]] = body
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import signal
 import sys
@@ -25,6 +26,7 @@ import aiomqtt
 import pytest
 
 from gateway import cli
+from gateway.audit import verify_export
 from gateway.keys import load_credentials, load_signing_key
 from gateway.pairing import WorkOrder, pair_device
 from gateway.radio.bumble import BumbleRadio
@@ -32,7 +34,7 @@ from gateway.store import Store
 from gateway.topics import Topics
 from gateway.worker import BlockingWorker
 from protocols.pairing import LabelPayload
-from simulators.registry import ReferenceRegistry
+from simulators.registry import DecommissionRefused, ReferenceRegistry
 from tests.broker import Mosquitto
 from tests.conftest import Registry, Schemas
 from tests.processes import REPO_ROOT, SimProcess
@@ -333,6 +335,43 @@ async def test_daemon_collects_revokes_and_survives_a_broker_outage(
         for device in devices:
             sequences = sorted(registry.events[device])
             assert sequences == list(range(len(sequences))), "no gap, no duplicate"
+
+        # Journey 3, the audit: the registry asks for one lock's events of the hour and
+        # re-verifies chain and checkpoints itself; a tampered copy names the record.
+        audited = devices[0]
+        answer = await reg.pull_logs(GATEWAY_ID, audited, now - 3600, int(time.time()) + 60)
+        assert answer["status"] == "ok", answer
+        document = answer["result"]["export"]
+        assert document["device_key"] == reg.registrations[audited].signing_key.hex()
+        verdict = verify_export(document)
+        assert verdict.intact, verdict
+        assert verdict.records == len(reg.events[audited])
+        tampered = copy.deepcopy(document)
+        raw = bytearray.fromhex(tampered["batches"][0]["records"])
+        raw[30 + 9] ^= 0x01  # the reason byte of the second record
+        tampered["batches"][0]["records"] = raw.hex()
+        failure = verify_export(tampered).failure
+        assert failure is not None
+        assert failure.sequence == tampered["batches"][0]["start_sequence"] + 1
+        # Reading a door log is itself reported: who, which device, what range.
+        await reg.wait_for(
+            lambda: any(notice["device_id"] == audited for notice in reg.audits),
+            WAIT,
+            "the audit pull reported",
+        )
+
+        # Journey 1, decommissioning: refused while another service needs the lock, then
+        # the log is collected, the lock reset to pairing mode and de-registered.
+        retired = devices[1]
+        reg.services[retired] = {"home-nursing"}
+        with pytest.raises(DecommissionRefused):
+            await reg.decommission(GATEWAY_ID, retired, "resident moved")
+        reg.services.pop(retired)
+        answer = await reg.decommission(GATEWAY_ID, retired, "resident moved")
+        assert answer["status"] == "ok", answer
+        await reg.wait_for(lambda: retired in reg.decommissions, WAIT, "the de-registration")
+        [summary] = (await sim.command(cmd="status", device_id=retired))["devices"]
+        assert not summary["paired"]
         assert daemon.returncode is None, log.read_text()
     finally:
         if daemon is not None:
