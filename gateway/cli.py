@@ -8,6 +8,7 @@ file, 1 for anything else that failed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import json
 import os
@@ -19,7 +20,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway import audit
+from gateway import audit, technician
 from gateway.authority import (
     SigningRequest,
     SigningRequestError,
@@ -37,6 +38,7 @@ from gateway.keys import (
     save_gateway_keys,
     save_signing_key,
 )
+from gateway.radio.base import Radio, RadioError
 from gateway.store import Store
 from gateway.topics import Topics
 from protocols.enums import DeviceKind
@@ -90,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--config", type=Path, required=True)
     devices.add_argument("--json", action="store_true", help="one JSON document for scripts")
     devices.set_defaults(handler=_devices)
+
+    scan = commands.add_parser(
+        "scan", help="list the lockgw devices in range, from their adverts (no connection)"
+    )
+    scan.add_argument("--config", type=Path, required=True)
+    scan.add_argument("--duration", type=float, default=5.0, help="seconds to listen (default 5)")
+    scan.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    scan.set_defaults(handler=_scan)
 
     keys = commands.add_parser("keys", help="the gateway's own keys")
     key_commands = keys.add_subparsers(required=True, metavar="ACTION")
@@ -171,6 +181,38 @@ def _devices(args: argparse.Namespace) -> int:
         return 0
     sys.stdout.write(_table(rows) + "\n")
     return 0
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from gateway.app import make_radio  # noqa: PLC0415 - radio backends load only for radio commands
+
+    if not 0 < args.duration <= 600:
+        msg = "--duration must be more than 0 and at most 600 seconds"
+        raise CliError(msg, 2)
+    settings = load_config(args.config)
+    rows = asyncio.run(_scan_rows(make_radio(settings), args.duration, live=not args.json))
+    if args.json:
+        sys.stdout.write(json.dumps({"devices": rows}, indent=2) + "\n")
+    else:
+        sys.stdout.write(f"{len(rows)} device(s) in range\n")
+        if rows:
+            sys.stdout.write(_table(rows) + "\n")
+    return 0
+
+
+async def _scan_rows(radio: Radio, duration: float, *, live: bool) -> list[dict[str, object]]:
+    latest: dict[str, dict[str, object]] = {}
+    try:
+        async with radio:
+            async for seen, first in technician.scan_devices(radio, duration):
+                row = latest[seen.device_id] = seen.row()
+                if live and first:
+                    sys.stdout.write(f"  found {row['device']} ({row['kind']})\n")
+                    sys.stdout.flush()
+    except RadioError as exc:
+        msg = f"scanning failed: {exc}"
+        raise CliError(msg) from exc
+    return sorted(latest.values(), key=lambda row: (str(row["kind"]), str(row["device_id"])))
 
 
 def _table(rows: Sequence[Mapping[str, object]]) -> str:

@@ -505,3 +505,30 @@ async def test_fleet_revocation_across_three_gateways(
                 await listener
         for sim in sims:
             await sim.finish()
+
+
+async def test_scan_lists_devices_in_range_from_adverts(tmp_path: Path, broker: Mosquitto) -> None:
+    """The technician's `lockgw scan`: devices in range, from their adverts alone."""
+    sim = await SimProcess.start(
+        "--locks", "2", "--key-safes", "1", "--serve", "tcp-server:127.0.0.1:0",
+        "--advertising-interval", "0.05",
+    )  # fmt: skip
+    try:
+        installation = install(tmp_path / "gw", transport=sim.ready["transport"], broker=broker)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "scan", "--config", str(installation.config),
+            "--duration", "2", "--json",
+            cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            stdout, stderr = await process.communicate()
+        assert process.returncode == 0, stderr.decode()
+    finally:
+        await sim.finish()
+    rows = json.loads(stdout)["devices"]
+    assert sorted(row["device_id"] for row in rows) == sorted(
+        device["device_id"] for device in sim.ready["devices"]
+    )
+    assert {row["kind"] for row in rows} == {"door_lock", "key_safe"}
+    assert all(row["device"] == "unpaired (pairing mode)" for row in rows)
+    assert all(row["battery"] == 100 and row["waiting"] >= 1 for row in rows)
