@@ -29,22 +29,28 @@ from gateway.authority import (
     registry_signing_request,
 )
 from gateway.config import ConfigError, load_config
+from gateway.device_session import DeviceError, SessionError
 from gateway.keys import (
+    GatewayCredentials,
     GatewayKeys,
     KeyFileError,
+    load_credentials,
     load_public_key,
     load_signing_key,
     public_key_pem,
     save_gateway_keys,
     save_signing_key,
 )
+from gateway.pairing import PairingResult, WorkOrder, pair_device
 from gateway.radio.base import Radio, RadioError
 from gateway.store import Store
 from gateway.topics import Topics
+from gateway.worker import BlockingWorker
 from protocols.enums import DeviceKind
 from protocols.envelopes import Scope, encode_certificate
-from protocols.errors import ProtocolError
+from protocols.errors import ErrorCode, ProtocolError
 from protocols.identity import format_device_id, parse_device_id
+from protocols.pairing import PairingCode, parse_code_or_label
 
 EX_CONFIG: Final = 78
 
@@ -93,13 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--json", action="store_true", help="one JSON document for scripts")
     devices.set_defaults(handler=_devices)
 
-    scan = commands.add_parser(
-        "scan", help="list the lockgw devices in range, from their adverts (no connection)"
-    )
-    scan.add_argument("--config", type=Path, required=True)
-    scan.add_argument("--duration", type=float, default=5.0, help="seconds to listen (default 5)")
-    scan.add_argument("--json", action="store_true", help="one JSON document for scripts")
-    scan.set_defaults(handler=_scan)
+    _technician_parsers(commands)
 
     keys = commands.add_parser("keys", help="the gateway's own keys")
     key_commands = keys.add_subparsers(required=True, metavar="ACTION")
@@ -135,6 +135,32 @@ def build_parser() -> argparse.ArgumentParser:
     sign.set_defaults(handler=_authority_issue)
     _add_audit_commands(commands)
     return parser
+
+
+def _technician_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``scan`` and ``pair``: what a field technician types at a newly mounted lock."""
+    scan = commands.add_parser(
+        "scan", help="list the lockgw devices in range, from their adverts (no connection)"
+    )
+    scan.add_argument("--config", type=Path, required=True)
+    scan.add_argument("--duration", type=float, default=5.0, help="seconds to listen (default 5)")
+    scan.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    scan.set_defaults(handler=_scan)
+
+    pair = commands.add_parser(
+        "pair", help="pair a newly mounted device with the code on its label"
+    )
+    pair.add_argument("--config", type=Path, required=True)
+    pair.add_argument("--work-order", required=True, help="the work order for the mounting")
+    pair.add_argument("--consent", required=True, help="the property owner's consent reference")
+    pair.add_argument("--device", help="device id (else: the one device in pairing mode)")
+    pair.add_argument(
+        "--code",
+        help="pairing code or the label's QR payload; asked for (hidden) when not given",
+    )
+    pair.add_argument("--site", type=int, help="site id (default: the gateway's only site)")
+    pair.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    pair.set_defaults(handler=_pair)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -213,6 +239,106 @@ async def _scan_rows(radio: Radio, duration: float, *, live: bool) -> list[dict[
         msg = f"scanning failed: {exc}"
         raise CliError(msg) from exc
     return sorted(latest.values(), key=lambda row: (str(row["kind"]), str(row["device_id"])))
+
+
+def _pair(args: argparse.Namespace) -> int:
+    from gateway.app import make_radio  # noqa: PLC0415 - radio backends load only for radio commands
+
+    settings = load_config(args.config)
+    site = args.site
+    if site is None:
+        if len(settings.gateway.site_ids) != 1:
+            msg = "name the site with --site (the gateway serves more than one, or none listed)"
+            raise CliError(msg, 2)
+        site = settings.gateway.site_ids[0]
+    text = args.code or getpass.getpass("Pairing code or label payload: ")
+    try:
+        code, label_device = parse_code_or_label(text)
+        named = parse_device_id(args.device) if args.device else None
+        order = WorkOrder(args.work_order, args.consent)
+    except (ProtocolError, ValueError) as exc:
+        raise CliError(str(exc), 2) from exc
+    if named is not None and label_device is not None and named != label_device:
+        msg = "the label names another device than --device"
+        raise CliError(msg, 2)
+    credentials = load_credentials(
+        settings.gateway.key_file,
+        settings.gateway.certificate_file,
+        settings.gateway.authority_key_file,
+    )
+    settings.gateway.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with Store.open(settings.gateway.store_path) as store:
+        result = asyncio.run(
+            _pair_device(
+                make_radio(settings),
+                named or label_device,
+                code,
+                site,
+                order,
+                credentials=credentials,
+                store=store,
+                topics=Topics(settings.mqtt.prefix, settings.gateway.id),
+                mtu=settings.radio.mtu,
+            )
+        )
+    device = result.device
+    summary = {
+        "device_id": format_device_id(device.device_id),
+        "kind": DeviceKind(device.kind).name.lower(),
+        "site": device.site_id,
+        "firmware": result.firmware,
+        "registration": "queued",
+    }
+    if args.json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        sys.stdout.write(
+            f"paired {summary['kind']} {summary['device_id']} at site {device.site_id}; "
+            "its registration waits in the outbox and goes to the registry as soon as the "
+            "gateway is connected\n"
+        )
+    return 0
+
+
+async def _pair_device(
+    radio: Radio,
+    device_id: bytes | None,
+    code: PairingCode,
+    site: int,
+    order: WorkOrder,
+    *,
+    credentials: GatewayCredentials,
+    store: Store,
+    topics: Topics,
+    mtu: int,
+) -> PairingResult:
+    try:
+        async with radio, BlockingWorker("store") as worker:
+            found, address = await technician.find_in_pairing_mode(radio, device_id, within=15.0)
+            return await pair_device(
+                radio=radio,
+                address=address,
+                device_id=found,
+                code=code,
+                site_id=site,
+                order=order,
+                credentials=credentials,
+                store=store,
+                worker=worker,
+                topics=topics,
+                mtu=mtu,
+            )
+    except technician.NoDeviceError as exc:
+        raise CliError(str(exc)) from exc
+    except SessionError as exc:
+        if exc.code is ErrorCode.BAD_PAIRING_CODE:
+            msg = "the pairing code does not match this device; it stays unpaired"
+            raise CliError(msg) from exc
+        msg = f"pairing failed: {exc}"
+        raise CliError(msg) from exc
+    except (DeviceError, RadioError) as exc:
+        msg = f"pairing failed: {exc}; the device stays unpaired"
+        raise CliError(msg) from exc
 
 
 def _table(rows: Sequence[Mapping[str, object]]) -> str:

@@ -9,9 +9,12 @@ unpaired and the store untouched.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.device_session import DeviceSession
 from gateway.keys import GatewayCredentials
@@ -73,36 +76,61 @@ async def pair_device(
     async with DeviceSession(link, config, timeout=request_timeout) as session:
         hello = session.device
         assert hello is not None  # set by open()
-        noise_key = link_noise_key(session)
-        await session.request(
-            Provision(
-                device_id=device_id,
-                authority_key=credentials.authority_key.public_bytes_raw(),
-                site_id=site_id,
-                time=int(now),
-            ),
-            Provisioned,
+        record = DeviceRecord(
+            device_id=device_id,
+            kind=int(hello.kind),
+            address=address,
+            signing_key=hello.signing_key,
+            noise_key=link_noise_key(session),
+            site_id=site_id,
+            paired_at=int(now),
+            chain_next_sequence=0,
+            chain_head=chain_genesis(device_id),
+            reachable=True,
+            last_heard=now,
         )
-    record = DeviceRecord(
-        device_id=device_id,
-        kind=int(hello.kind),
-        address=address,
-        signing_key=hello.signing_key,
-        noise_key=noise_key,
-        site_id=site_id,
-        paired_at=int(now),
-        chain_next_sequence=0,
-        chain_head=chain_genesis(device_id),
-        reachable=True,
-        last_heard=now,
-    )
-    registration = OutboxMessage(
-        topic=topics.registrations,
-        payload=registration_payload(topics.gateway_id, "registered", record, order, now),
-        kind="registration",
-    )
-    await worker.run(_store_pairing, store, record, registration, now)
+        registration = OutboxMessage(
+            topic=topics.registrations,
+            payload=registration_payload(topics.gateway_id, "registered", record, order, now),
+            kind="registration",
+        )
+
+        async def provision_and_store() -> None:
+            await session.request(
+                Provision(
+                    device_id=device_id,
+                    authority_key=credentials.authority_key.public_bytes_raw(),
+                    site_id=site_id,
+                    time=int(now),
+                ),
+                Provisioned,
+            )
+            await worker.run(_store_pairing, store, record, registration, now)
+
+        await _uninterrupted(provision_and_store())
     return PairingResult(device=record, firmware=hello.firmware)
+
+
+async def _uninterrupted(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` to its end even if the caller is cancelled meanwhile (a Ctrl-C).
+
+    Once the device is provisioned the gateway must have pinned its keys, or the lock is
+    paired to a gateway that cannot talk to it; the interruption waits for both steps
+    (bounded by the session's idle timeout) and is raised after them.
+    """
+    task = asyncio.create_task(work)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return
 
 
 def _store_pairing(store: Store, record: DeviceRecord, message: OutboxMessage, now: float) -> None:

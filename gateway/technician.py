@@ -73,3 +73,36 @@ async def scan_devices(radio: Radio, duration: float) -> AsyncIterator[tuple[See
             first = advert.device_id not in seen
             seen.add(advert.device_id)
             yield SeenDevice(result.address, result.rssi, advert), first
+
+
+class NoDeviceError(LookupError):
+    """No device, or no single device, waits in pairing mode where one was expected."""
+
+
+async def find_in_pairing_mode(
+    radio: Radio, device_id: bytes | None, *, within: float
+) -> tuple[bytes, str]:
+    """The device id and address of the device to pair.
+
+    With ``device_id`` (typed, or read from the label's QR code), wait until that device is
+    heard in pairing mode; without, there must be exactly one device in pairing mode.
+    """
+    candidates: dict[bytes, str] = {}
+    async for seen, _first in scan_devices(radio, within):
+        advert = seen.advert
+        if device_id is not None and advert.device_id == device_id:
+            if not advert.pairing_mode:
+                msg = f"{seen.device_id} is already paired"
+                raise NoDeviceError(msg)
+            return advert.device_id, seen.address
+        if device_id is None and advert.pairing_mode:
+            candidates[advert.device_id] = seen.address
+    if device_id is not None:
+        msg = f"{format_device_id(device_id)} was not heard in pairing mode within {within:g} s"
+        raise NoDeviceError(msg)
+    if len(candidates) != 1:
+        names = ", ".join(sorted(format_device_id(found) for found in candidates)) or "none"
+        msg = f"{len(candidates)} devices wait in pairing mode ({names}): name one with --device"
+        raise NoDeviceError(msg)
+    [(found, address)] = candidates.items()
+    return found, address

@@ -33,7 +33,7 @@ from gateway.radio.bumble import BumbleRadio
 from gateway.store import Store
 from gateway.topics import Topics
 from gateway.worker import BlockingWorker
-from protocols.pairing import LabelPayload
+from protocols.pairing import LabelPayload, PairingCode
 from simulators.registry import DecommissionRefused, ReferenceRegistry
 from tests.broker import Mosquitto
 from tests.conftest import Registry, Schemas
@@ -532,3 +532,66 @@ async def test_scan_lists_devices_in_range_from_adverts(tmp_path: Path, broker: 
     assert {row["kind"] for row in rows} == {"door_lock", "key_safe"}
     assert all(row["device"] == "unpaired (pairing mode)" for row in rows)
     assert all(row["battery"] == 100 and row["waiting"] >= 1 for row in rows)
+
+
+async def lockgw(*args: str) -> tuple[int, str, str]:
+    """The `lockgw` command as a real process: exit code, stdout, stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", *args,
+        cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_technician_pairs_with_the_cli_and_the_registration_waits(
+    tmp_path: Path, broker: Mosquitto, schemas: Schemas
+) -> None:
+    """Journey 1 with the CLI: a wrong code leaves the lock unpaired; the label's QR payload
+    pairs it; the registration waits in the outbox until the gateway runs."""
+    sim = await SimProcess.start(
+        "--locks", "1", "--serve", "tcp-server:127.0.0.1:0", "--advertising-interval", "0.05"
+    )  # fmt: skip
+    daemon: asyncio.subprocess.Process | None = None
+    listener: asyncio.Task[None] | None = None
+    try:
+        installation = install(tmp_path / "gw", transport=sim.ready["transport"], broker=broker)
+        [device] = sim.ready["devices"]
+        pair_args = ["pair", "--config", str(installation.config), "--work-order", "WO-77",
+                     "--consent", "owner-consent-77", "--site", str(SITE)]  # fmt: skip
+        wrong = LabelPayload.parse(device["label"])
+        other_code = LabelPayload(wrong.device_id, PairingCode.generate()).code.text()
+        code, _, stderr = await lockgw(
+            *pair_args, "--device", device["device_id"], "--code", other_code
+        )
+        assert code == 1
+        assert "does not match this device; it stays unpaired" in stderr
+        [summary] = (await sim.command(cmd="status", device_id=device["device_id"]))["devices"]
+        assert not summary["paired"]
+
+        code, stdout, stderr = await lockgw(*pair_args, "--code", device["label"], "--json")
+        assert code == 0, stderr
+        assert json.loads(stdout)["device_id"] == device["device_id"]
+        [summary] = (await sim.command(cmd="status", device_id=device["device_id"]))["devices"]
+        assert summary["paired"]
+
+        registry = make_registry(installation, broker, schemas)
+        listener = asyncio.create_task(registry.run())
+        daemon = await start_daemon(installation.config, installation.root / "daemon.log")
+        await registry.wait_for(
+            lambda: device["device_id"] in registry.registrations, WAIT, "the queued registration"
+        )
+        registration = registry.registrations[device["device_id"]]
+        assert registration.work_order == "WO-77"
+        assert registration.consent_reference == "owner-consent-77"
+    finally:
+        if daemon is not None:
+            assert await stop_daemon(daemon) == 0
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        await sim.finish()
