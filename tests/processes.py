@@ -6,8 +6,9 @@ import asyncio
 import json
 import signal
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 30.0  # a cold interpreter imports Bumble and cryptography
@@ -16,12 +17,16 @@ START_TIMEOUT = 30.0  # a cold interpreter imports Bumble and cryptography
 class SimProcess:
     """``python -m simulators`` with its stdin and stdout as pipes."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, errors: IO[bytes]) -> None:
         self.process = process
+        self.errors = errors
         self.ready: dict[str, Any] = {}
 
     @classmethod
     async def start(cls, *args: str) -> SimProcess:
+        # The child's stderr goes to a file of its own: a child inheriting the test
+        # runner's stderr could still be writing there after the run has ended.
+        errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed by finish()
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -30,8 +35,9 @@ class SimProcess:
             cwd=REPO_ROOT,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            stderr=errors,
         )
-        sim = cls(process)
+        sim = cls(process, errors)
         sim.ready = await sim.line(START_TIMEOUT)
         return sim
 
@@ -64,4 +70,10 @@ class SimProcess:
             self.process.kill()
             await self.process.wait()
         assert self.process.returncode is not None
+        self.errors.close()
         return self.process.returncode
+
+    def stderr_text(self) -> str:
+        """What the simulator wrote to stderr so far, for a failing test's message."""
+        self.errors.seek(0)
+        return self.errors.read().decode(errors="replace")

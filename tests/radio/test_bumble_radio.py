@@ -537,6 +537,7 @@ async def test_device_simulator_in_another_process() -> None:
         "2",
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,  # never the runner's own stderr (see tests/processes.py)
     )
     try:
         assert process.stdout is not None
