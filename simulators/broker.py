@@ -1,4 +1,4 @@
-"""A Mosquitto broker as a child process on a free port of 127.0.0.1 (for the demo).
+"""A Mosquitto broker as a child process on a free port of 127.0.0.1 (demo and tests).
 
 :class:`Broker` writes a plain (no TLS) configuration into a directory, starts
 ``mosquitto -c FILE``, waits until the port accepts connections, and stops it with
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -62,18 +63,24 @@ class Broker:
         self.config_file = directory / "mosquitto.conf"
         self.log_file = directory / "mosquitto.log"
         self._process: subprocess.Popen[bytes] | None = None
+        self.config_file.write_text("\n".join(self._config_lines()) + "\n", encoding="utf-8")
+
+    def _config_lines(self) -> list[str]:
+        """The configuration file's lines; a subclass adds TLS, ACLs or persistence."""
         lines = [
             "persistence false",
             f"log_dest file {self.log_file}",
             "log_type error",
             "log_type warning",
             "log_type notice",
+            # Latency, not throughput: Nagle's algorithm would hold back small messages.
             "set_tcp_nodelay true",
         ]
         if os.geteuid() == 0:
-            lines.append("user root")  # else it switches to "mosquitto", who cannot read here
-        lines += [f"listener {self.port} {self.host}", "allow_anonymous true"]
-        self.config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            # As root, Mosquitto would switch to the user "mosquitto", which cannot read
+            # files in a private temporary directory.
+            lines.append("user root")
+        return [*lines, f"listener {self.port} {self.host}", "allow_anonymous true"]
 
     @property
     def running(self) -> bool:
@@ -120,6 +127,7 @@ class Broker:
         if process is None:
             return
         if process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # a paused (SIGSTOP) broker cannot act on SIGTERM
             process.terminate()
             try:
                 process.wait(timeout=STOP_TIMEOUT)

@@ -19,56 +19,35 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-HOST: Final = "127.0.0.1"
-START_TIMEOUT: Final = 10.0
-STOP_TIMEOUT: Final = 5.0
-FALLBACK_BINARY: Final = Path("/usr/sbin/mosquitto")
+from simulators.broker import (
+    HOST,
+    STOP_TIMEOUT,
+    Broker,
+    BrokerError,
+    find_mosquitto,
+    free_port,
+)
 
-
-class BrokerError(RuntimeError):
-    """The broker could not be found, did not start, or died."""
-
-
-def find_mosquitto() -> str:
-    """The mosquitto binary; raises (so the test fails, never skips) when there is none."""
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    if FALLBACK_BINARY.is_file() and os.access(FALLBACK_BINARY, os.X_OK):
-        return str(FALLBACK_BINARY)
-    msg = (
-        "the MQTT tests need the Mosquitto broker, and no `mosquitto` binary was found "
-        "(PATH, /usr/sbin). Run scripts/test (or scripts/setup --with-broker), which "
-        "installs the Debian package mosquitto."
-    )
-    raise BrokerError(msg)
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on right now.
-
-    Binding to port 0 lets the kernel choose. There is a window between closing this
-    socket and Mosquitto binding the port, but ephemeral ports are handed out in
-    rotation, so another process taking it in between is very unlikely.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
+# The process handling (binary, free port, start, stop) is the demo's; the tests add TLS,
+# ACLs, persistence and faults on top.
+__all__ = [
+    "HOST",
+    "BrokerError",
+    "Mosquitto",
+    "TlsFiles",
+    "find_mosquitto",
+    "free_port",
+    "make_tls_files",
+]
 
 
 # -------------------------------------------------------------------------------- TLS
@@ -203,7 +182,7 @@ def make_tls_files(directory: Path, client_name: str = "gw-north-1") -> TlsFiles
 # ----------------------------------------------------------------------------- broker
 
 
-class Mosquitto:
+class Mosquitto(Broker):
     """One Mosquitto process with one listener on ``127.0.0.1:port``.
 
     ``tls`` makes the listener TLS-only and require a client certificate from the test
@@ -221,18 +200,12 @@ class Mosquitto:
         acl: str | None = None,
         persistence: bool = False,
     ) -> None:
-        self.directory = directory
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.binary = find_mosquitto()
-        self.host = HOST
-        self.port = free_port()
         self.tls = tls
-        self.config_file = directory / "mosquitto.conf"
-        self.log_file = directory / "mosquitto.log"
-        self._process: subprocess.Popen[bytes] | None = None
-        self._write_config(acl, persistence=persistence)
+        self.acl = acl
+        self.persistence = persistence
+        super().__init__(directory)
 
-    def _write_config(self, acl: str | None, *, persistence: bool) -> None:
+    def _config_lines(self) -> list[str]:
         lines = [
             "per_listener_settings false",
             *(
@@ -241,7 +214,7 @@ class Mosquitto:
                     f"persistence_location {self.directory}/",
                     "autosave_interval 0",  # saved on shutdown only
                 ]
-                if persistence
+                if self.persistence
                 else ["persistence false"]
             ),
             f"log_dest file {self.log_file}",
@@ -260,9 +233,9 @@ class Mosquitto:
             # As root, Mosquitto would switch to the user "mosquitto", which cannot read
             # the keys in the test's private temporary directory.
             lines.append("user root")
-        if acl is not None:
+        if self.acl is not None:
             acl_file = self.directory / "acl"
-            acl_file.write_text(acl, encoding="utf-8")
+            acl_file.write_text(self.acl, encoding="utf-8")
             lines.append(f"acl_file {acl_file}")
         lines.append(f"listener {self.port} {self.host}")
         if self.tls is None:
@@ -276,49 +249,7 @@ class Mosquitto:
                 "use_identity_as_username true",
                 "allow_anonymous false",
             ]
-        self.config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-    @property
-    def running(self) -> bool:
-        """Whether the broker process is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    def log_text(self) -> str:
-        """What the broker logged so far (for failure messages)."""
-        try:
-            return self.log_file.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def start(self) -> None:
-        """Start the broker on its port and wait until the port accepts connections."""
-        if self.running:
-            msg = "the broker is already running"
-            raise BrokerError(msg)
-        self._process = subprocess.Popen(  # noqa: S603 - a fixed binary and our own config file
-            [self.binary, "-c", str(self.config_file)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                _, errors = self._process.communicate()
-                self._process = None
-                msg = (
-                    f"mosquitto exited at start: {errors.decode(errors='replace')}\n"
-                    f"{self.log_text()}"
-                )
-                raise BrokerError(msg)
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.01)
-        self.stop()
-        msg = f"mosquitto did not accept connections on port {self.port}\n{self.log_text()}"
-        raise BrokerError(msg)
+        return lines
 
     def pause(self) -> None:
         """Freeze the broker (SIGSTOP): connections stay open, nothing is answered."""
@@ -339,22 +270,6 @@ class Mosquitto:
             return
         process.kill()
         process.wait(timeout=STOP_TIMEOUT)
-        if process.stderr is not None:
-            process.stderr.close()
-
-    def stop(self) -> None:
-        """Stop the broker (SIGTERM, then SIGKILL if it hangs); harmless when stopped."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGCONT)  # a paused broker cannot act on SIGTERM
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=STOP_TIMEOUT)
         if process.stderr is not None:
             process.stderr.close()
 
