@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import json
 import random
 import time
@@ -82,16 +81,6 @@ class _Request:
     future: asyncio.Future[Any] = field(compare=False)
 
 
-@dataclass(order=True)
-class _External:
-    """Work that needs a slot but no paired device's session (pairing a new device)."""
-
-    priority: int
-    sequence: int
-    work: Callable[[], Awaitable[Any]] = field(compare=False)
-    future: asyncio.Future[Any] = field(compare=False)
-
-
 @dataclass
 class DeviceView:
     """The scheduler's live picture of one paired device."""
@@ -144,7 +133,6 @@ class Scheduler:
         """Unpaired devices heard advertising pairing mode: id -> (address, advert)."""
         self.outcomes: dict[str, int] = {}
         self._busy = 0
-        self._external: list[_External] = []
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._sequence = 0
@@ -229,14 +217,6 @@ class Scheduler:
         self.wake()
         return await future
 
-    async def run_in_slot(self, priority: Priority, work: Callable[[], Awaitable[Any]]) -> Any:
-        """Run ``work`` (pairing a new device) in a slot, in priority order with visits."""
-        self._sequence += 1
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._external, _External(int(priority), self._sequence, work, future))
-        self.wake()
-        return await future
-
     @property
     def busy_slots(self) -> int:
         return self._busy
@@ -260,15 +240,11 @@ class Scheduler:
                     await self._wake.wait()
             self._wake.clear()
             while self._busy < self.settings.slots:
-                view, need = self._next_device(self.clock())
-                external = self._external[0].priority if self._external else None
-                if external is not None and (need is None or external <= need):
-                    self._start(self._run_external(heapq.heappop(self._external)), "external")
-                elif view is not None:
-                    view.busy = True
-                    self._start(self._visit(view), f"visit {view.address}")
-                else:
+                view = self._next_device(self.clock())
+                if view is None:
                     break
+                view.busy = True
+                self._start(self._visit(view), f"visit {view.address}")
 
     def _start(self, work: Coroutine[Any, Any, None], name: str) -> None:
         self._busy += 1
@@ -276,20 +252,7 @@ class Scheduler:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _run_external(self, request: _External) -> None:
-        try:
-            result = await request.work()
-        except Exception as exc:  # noqa: BLE001 - handed to the caller, who awaits the future
-            if not request.future.done():
-                request.future.set_exception(exc)
-        else:
-            if not request.future.done():
-                request.future.set_result(result)
-        finally:
-            self._busy -= 1
-            self.wake()
-
-    def _next_device(self, now: float) -> tuple[DeviceView | None, int | None]:
+    def _next_device(self, now: float) -> DeviceView | None:
         best: tuple[int, float] | None = None
         chosen = None
         for view in self.views.values():
@@ -301,7 +264,7 @@ class Scheduler:
             key = (need, view.last_session)
             if best is None or key < best:
                 best, chosen = key, view
-        return chosen, best[0] if best else None
+        return chosen
 
     def _need(self, view: DeviceView, now: float) -> int | None:
         """The most urgent reason to visit ``view`` now, or None to let it sleep."""
