@@ -129,9 +129,6 @@ class Scheduler:
         self.on_outbox = on_outbox
         self.clock = clock
         self.views: dict[bytes, DeviceView] = {}
-        self.pairing_mode: dict[bytes, tuple[str, Advert]] = {}
-        """Unpaired devices heard advertising pairing mode: id -> (address, advert)."""
-        self.outcomes: dict[str, int] = {}
         self._busy = 0
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -187,13 +184,9 @@ class Scheduler:
         except ProtocolError:
             log.warning("advert_malformed", address=result.address)
             return
-        if advert.pairing_mode:
-            self.pairing_mode[advert.device_id] = (result.address, advert)
-            return
-        self.pairing_mode.pop(advert.device_id, None)
-        view = self.views.get(advert.device_id)
+        view = None if advert.pairing_mode else self.views.get(advert.device_id)
         if view is None:
-            return  # paired to someone else, or not yet registered here
+            return  # waiting to be paired, paired elsewhere, or not registered here
         now = self.clock()
         view.address, view.advert, view.advert_time, view.last_heard = (
             result.address,
@@ -201,7 +194,7 @@ class Scheduler:
             now,
             now,
         )
-        if self._need(view, self.clock()) is not None or view.unreachable:
+        if self._need(view, now) is not None or view.unreachable:
             self.wake()
 
     async def request(self, device_id: bytes, priority: Priority, job: Job) -> Any:
@@ -353,7 +346,6 @@ class Scheduler:
             bound.info("connect_failed", error=str(exc))
             self._back_off(view)
         finally:
-            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
             self._count(outcome)
             view.last_session = self.clock()
             view.busy = False

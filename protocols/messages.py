@@ -222,8 +222,6 @@ REQUESTS: Final[dict[type[Message], type[Message]]] = {
 }
 """Each request type a gateway may send, and the response a device answers it with."""
 
-RESPONSES: Final = frozenset(REQUESTS.values()) | {ErrorReply}
-
 # --- wire layouts -------------------------------------------------------------------------
 
 _Id = c.Bytes(8)

@@ -203,10 +203,6 @@ class DeviceSessionConfig:
     authority_key: Ed25519PublicKey | None = None  # None while unpaired
     pairing_code: PairingCode | None = field(default=None, repr=False)  # set in pairing mode
 
-    @property
-    def mode(self) -> SessionMode:
-        return SessionMode.NORMAL if self.authority_key is not None else SessionMode.PAIRING
-
 
 # --- the session ----------------------------------------------------------------------------
 
