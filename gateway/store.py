@@ -192,7 +192,12 @@ CREATE TABLE seen_commands (
 CREATE INDEX seen_commands_expiry ON seen_commands (expires_at);
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (_MIGRATION_1, _MIGRATION_2)
+_MIGRATION_3: Final = """
+-- Waiting retained messages by topic: a newer one supersedes them (see _insert_outbox).
+CREATE INDEX outbox_retained_topic ON outbox (topic) WHERE retain = 1;
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (_MIGRATION_1, _MIGRATION_2, _MIGRATION_3)
 """Migration scripts; ``MIGRATIONS[n]`` takes the schema from version n to n + 1.
 
 Append only: a released step is never edited, because databases in the field have run
@@ -1425,6 +1430,18 @@ def _insert_outbox(
 ) -> list[int]:
     ids: list[int] = []
     for message in messages:
+        if message.retain and not message.event_sequences:
+            # Only a topic's latest retained value means anything at the broker; an older
+            # one still waiting would be published only to be overwritten. Superseding it
+            # keeps the outbox bounded by topics, not by updates (a revocation's progress
+            # after every one of N devices would otherwise queue N messages of N entries).
+            # A superseded row the bridge is already sending is harmless: the newer row
+            # follows it, and acknowledging an id no longer stored is a no-op.
+            conn.execute(
+                "DELETE FROM outbox WHERE topic = ? AND retain = 1 "
+                "AND id NOT IN (SELECT outbox_id FROM outbox_events)",
+                (message.topic,),
+            )
         outbox_id = _lastrowid(
             conn.execute(
                 "INSERT INTO outbox (topic, payload, qos, retain, created_at, kind) "

@@ -549,6 +549,32 @@ def test_outbox_is_fifo_and_pages(store: Store) -> None:
         store.outbox_peek(-1)
 
 
+def test_a_newer_retained_message_supersedes_a_waiting_one(store: Store) -> None:
+    store.upsert_device(device_record())
+    first = store.enqueue(
+        [OutboxMessage("gw/progress/u1", b"1 of 3", "progress", retain=True)], now=NOW
+    )
+    store.enqueue([OutboxMessage("gw/alarms", b"alarm", "alarm")], now=NOW)
+    store.enqueue(
+        [OutboxMessage("gw/progress/u2", b"other update", "progress", retain=True)], now=NOW
+    )
+    latest = store.enqueue(
+        [OutboxMessage("gw/progress/u1", b"3 of 3", "progress", retain=True)], now=NOW
+    )
+    commit(store, first_batch(2), outbox=[events_message(first_batch(2), "gw/events")])
+    rows = store.outbox_peek(100)
+    assert [(row.topic, row.payload) for row in rows] == [
+        ("gw/alarms", b"alarm"),
+        ("gw/progress/u2", b"other update"),
+        ("gw/progress/u1", b"3 of 3"),
+        ("gw/events", first_batch(2).raw_records),
+    ]
+    assert rows[2].id == latest[0]
+    # The bridge may already have sent the superseded row: its acknowledgement is a no-op.
+    assert store.outbox_done(first, NOW) == 0
+    assert store.outbox_depth() == 4
+
+
 def test_outbox_done_marks_the_carried_events_published(store: Store) -> None:
     batch = first_batch(4)
     alarm = OutboxMessage("t/alarm", b"tamper", "alarm", event_sequences=(2,))
