@@ -2,10 +2,11 @@
 
 Start-up loads and checks everything before it touches the radio or the broker (a bad
 configuration or key file ends the process with a clear message), opens the store, then
-runs the radio scheduler, the MQTT bridge, the metrics endpoint, retention and the systemd
-watchdog side by side. Stopping (SIGTERM) cancels the task group: in-flight sessions end,
-the bridge says offline, the store closes; nothing unfinished is lost, because every job
-lives in the store and resumes at the next start.
+runs the radio scheduler, the MQTT bridge, the local control socket (gateway.control),
+the metrics endpoint, retention and the systemd watchdog side by side. Stopping (SIGTERM)
+cancels the task group: in-flight sessions end, the bridge says offline, the store
+closes; nothing unfinished is lost, because every job lives in the store and resumes at
+the next start.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Final
 
 import structlog
 
-from gateway import systemd
+from gateway import control, systemd
 from gateway.commands import CommandVerifier
 from gateway.config import Settings
 from gateway.handlers import CommandHandler
@@ -162,6 +163,14 @@ class Daemon:
         scheduler.on_outbox = bridge.notify_outbox
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(radio)
+            socket_path = settings.gateway.control_path
+            try:
+                await stack.enter_async_context(
+                    control.ControlServer(socket_path, control.operations(handler))
+                )
+            except OSError as exc:
+                msg = f"cannot listen on the control socket {socket_path}: {exc}"
+                raise StartupError(msg) from exc
             if settings.metrics.enabled:
                 await stack.enter_async_context(await self.metrics.serve(settings.metrics.listen))
             log.info("started", gateway=settings.gateway.id, slots=settings.scheduler.slots)

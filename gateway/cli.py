@@ -162,6 +162,30 @@ def _technician_parsers(commands: argparse._SubParsersAction[argparse.ArgumentPa
     pair.add_argument("--json", action="store_true", help="one JSON document for scripts")
     pair.set_defaults(handler=_pair)
 
+    decommission = commands.add_parser(
+        "decommission",
+        help="take a device out of service: asks the registry, collects the log, resets it",
+        description=(
+            "Asks the registry (through the running daemon) whether any other service still "
+            "needs the lock. If none does, or --force gives the reason to go ahead anyway, the "
+            "daemon collects the door log, resets the device to its factory state and "
+            "de-registers it. Exit 0 when done, 1 when refused or failed: then nothing changed."
+        ),
+    )
+    decommission.add_argument("device", help="device id, 16 hex digits")
+    decommission.add_argument("--config", type=Path, required=True)
+    decommission.add_argument("--reason", required=True, help="why (e.g. the work order)")
+    decommission.add_argument(
+        "--force",
+        metavar="REASON",
+        help="go ahead even if another service still needs the lock, for this reason",
+    )
+    decommission.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the registry (60)"
+    )
+    decommission.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    decommission.set_defaults(handler=_decommission)
+
 
 def _run(args: argparse.Namespace) -> int:
     from gateway import app  # noqa: PLC0415 - the daemon's imports are only paid for by `run`
@@ -216,29 +240,44 @@ def _scan(args: argparse.Namespace) -> int:
         msg = "--duration must be more than 0 and at most 600 seconds"
         raise CliError(msg, 2)
     settings = load_config(args.config)
-    rows = asyncio.run(_scan_rows(make_radio(settings), args.duration, live=not args.json))
+    rows, shown = asyncio.run(_scan_rows(make_radio(settings), args.duration, json_only=args.json))
     if args.json:
         sys.stdout.write(json.dumps({"devices": rows}, indent=2) + "\n")
-    else:
+    elif not (shown and sys.stdout.isatty()):  # the live table already stays on the screen
         sys.stdout.write(f"{len(rows)} device(s) in range\n")
         if rows:
             sys.stdout.write(_table(rows) + "\n")
     return 0
 
 
-async def _scan_rows(radio: Radio, duration: float, *, live: bool) -> list[dict[str, object]]:
+async def _scan_rows(
+    radio: Radio, duration: float, *, json_only: bool
+) -> tuple[list[dict[str, object]], bool]:
+    """The devices heard, and whether a live table showed them on the terminal."""
+    from gateway import console  # noqa: PLC0415 - the terminal library loads for people only
+
     latest: dict[str, dict[str, object]] = {}
+
+    def rows() -> list[dict[str, object]]:
+        return sorted(latest.values(), key=lambda row: (str(row["kind"]), str(row["device_id"])))
+
+    started = time.monotonic()
     try:
-        async with radio:
-            async for seen, first in technician.scan_devices(radio, duration):
-                row = latest[seen.device_id] = seen.row()
-                if live and first:
-                    sys.stdout.write(f"  found {row['device']} ({row['kind']})\n")
-                    sys.stdout.flush()
+        with console.LiveTable("scanning", enabled=not json_only) as live:
+            async with radio:
+                async for seen, first in technician.scan_devices(radio, duration):
+                    row = latest[seen.device_id] = seen.row()
+                    if live.is_live:
+                        left = max(0.0, duration - (time.monotonic() - started))
+                        live.show(rows(), f"{len(latest)} device(s) in range, {left:.0f} s left")
+                    elif first and not json_only:
+                        sys.stderr.write(f"  found {row['device']} ({row['kind']})\n")
+                        sys.stderr.flush()
+            live.show(rows(), f"{len(latest)} device(s) in range")
     except RadioError as exc:
         msg = f"scanning failed: {exc}"
         raise CliError(msg) from exc
-    return sorted(latest.values(), key=lambda row: (str(row["kind"]), str(row["device_id"])))
+    return rows(), live.is_live and not json_only
 
 
 def _pair(args: argparse.Namespace) -> int:
@@ -312,22 +351,28 @@ async def _pair_device(
     topics: Topics,
     mtu: int,
 ) -> PairingResult:
+    from gateway import console  # noqa: PLC0415 - the terminal library loads for people only
+
     try:
-        async with radio, BlockingWorker("store") as worker:
-            found, address = await technician.find_in_pairing_mode(radio, device_id, within=15.0)
-            return await pair_device(
-                radio=radio,
-                address=address,
-                device_id=found,
-                code=code,
-                site_id=site,
-                order=order,
-                credentials=credentials,
-                store=store,
-                worker=worker,
-                topics=topics,
-                mtu=mtu,
-            )
+        with console.steps("looking for the device in pairing mode") as step:
+            async with radio, BlockingWorker("store") as worker:
+                found, address = await technician.find_in_pairing_mode(
+                    radio, device_id, within=15.0
+                )
+                step(f"pairing {format_device_id(found)}: handshake, provisioning, storing keys")
+                return await pair_device(
+                    radio=radio,
+                    address=address,
+                    device_id=found,
+                    code=code,
+                    site_id=site,
+                    order=order,
+                    credentials=credentials,
+                    store=store,
+                    worker=worker,
+                    topics=topics,
+                    mtu=mtu,
+                )
     except technician.NoDeviceError as exc:
         raise CliError(str(exc)) from exc
     except SessionError as exc:
@@ -339,6 +384,50 @@ async def _pair_device(
     except (DeviceError, RadioError) as exc:
         msg = f"pairing failed: {exc}; the device stays unpaired"
         raise CliError(msg) from exc
+
+
+def _decommission(args: argparse.Namespace) -> int:
+    from gateway import console, control  # noqa: PLC0415 - loaded for this command only
+
+    try:
+        device_id = parse_device_id(args.device)
+    except ProtocolError as exc:
+        raise CliError(str(exc), 2) from exc
+    if args.force is not None and not args.force.strip():
+        msg = "--force needs the reason to override the other services"
+        raise CliError(msg, 2)
+    if not 0 < args.timeout <= 600:
+        msg = "--timeout must be more than 0 and at most 600 seconds"
+        raise CliError(msg, 2)
+    settings = load_config(args.config)
+    request = {
+        "device_id": format_device_id(device_id),
+        "reason": args.reason,
+        "override": args.force,
+        "timeout": args.timeout,
+    }
+    with console.steps("asking the gateway daemon") as step:
+        try:
+            result = asyncio.run(
+                control.call(settings.gateway.control_path, "decommission", request, progress=step)
+            )
+        except control.ControlError as exc:
+            if exc.code == "declined":
+                needed = ", ".join(exc.details.get("needed_by", [])) or "the registry"
+                msg = (
+                    f"refused: {exc.message}; nothing was changed. To decommission anyway, "
+                    f"give the reason with --force (needed by {needed})"
+                )
+                raise CliError(msg) from exc
+            raise CliError(exc.message) from exc
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        sys.stdout.write(
+            f"decommissioned {result['device_id']}: door log collected, device reset to its "
+            "factory state, de-registration sent to the registry\n"
+        )
+    return 0
 
 
 def _table(rows: Sequence[Mapping[str, object]]) -> str:
@@ -443,16 +532,21 @@ def _add_audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "export",
         help="export a device's verified events in a time range (exit 1 if not intact)",
     )
-    export.add_argument("--config", type=Path, required=True)
     export.add_argument("--device", required=True, help="device id, 16 hex digits")
-    export.add_argument("--from", dest="time_from", required=True, help="ISO 8601 or unix")
-    export.add_argument("--to", dest="time_to", required=True, help="ISO 8601 or unix")
-    export.add_argument("--format", choices=("json", "csv", "html"), default="json")
-    export.add_argument("--out", type=Path, required=True, help="file to write (mode 600)")
-    export.add_argument("--reveal", action="store_true", help="show real staff key ids")
-    export.add_argument("--reason", help="why key ids are revealed (required with --reveal)")
-    export.add_argument("--auditor", help="who exports (default: the login name)")
+    _export_arguments(export)
     export.set_defaults(handler=_audit_export)
+    pull = audit_commands.add_parser(
+        "pull",
+        help="collect a device's newest records through the daemon, then export and verify",
+        description=(
+            "The running daemon first collects the records still waiting on the device "
+            "(verifying chain and checkpoints as they arrive), then exports the range from its "
+            "store; the export is verified again here. Exit 0 when intact, 1 otherwise."
+        ),
+    )
+    pull.add_argument("device", help="device id, 16 hex digits")
+    _export_arguments(pull)
+    pull.set_defaults(handler=_audit_pull)
     verify = audit_commands.add_parser("verify", help="re-verify a JSON export offline")
     verify.add_argument("file", type=Path)
     verify.add_argument(
@@ -461,7 +555,19 @@ def _add_audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     verify.set_defaults(handler=_audit_verify)
 
 
-def _audit_export(args: argparse.Namespace) -> int:
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--from", dest="time_from", required=True, help="ISO 8601 or unix")
+    parser.add_argument("--to", dest="time_to", required=True, help="ISO 8601 or unix")
+    parser.add_argument("--format", choices=audit.FORMATS, default="json")
+    parser.add_argument("--out", type=Path, required=True, help="file to write (mode 600)")
+    parser.add_argument("--reveal", action="store_true", help="show real staff key ids")
+    parser.add_argument("--reason", help="why key ids are revealed (required with --reveal)")
+    parser.add_argument("--auditor", help="who exports (default: the login name)")
+
+
+def _export_request(args: argparse.Namespace) -> tuple[bytes, int, int]:
+    """The device id and range of an export or pull; CliError (exit 2) when invalid."""
     if args.reveal and not (args.reason or "").strip():
         msg = "--reveal needs --reason: revealing staff key ids must be justified"
         raise CliError(msg, 2)
@@ -474,6 +580,58 @@ def _audit_export(args: argparse.Namespace) -> int:
         time_to = audit.parse_time(args.time_to, end_of_day=True)
     except (ProtocolError, audit.AuditError) as exc:
         raise CliError(str(exc), 2) from exc
+    return device_id, time_from, time_to
+
+
+def _write_private(path: Path, text: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
+    except OSError as exc:
+        msg = f"{path}: {exc.strerror or exc}"
+        raise CliError(msg) from exc
+
+
+def _audit_pull(args: argparse.Namespace) -> int:
+    from gateway import console, control  # noqa: PLC0415 - loaded for this command only
+
+    device_id, time_from, time_to = _export_request(args)
+    settings = load_config(args.config)
+    request = {
+        "device_id": format_device_id(device_id),
+        "from": time_from,
+        "to": time_to,
+        "format": args.format,
+        "reveal_reason": args.reason if args.reveal else None,
+        "auditor": args.auditor,
+    }
+    with console.steps("asking the gateway daemon") as step:
+        try:
+            result = asyncio.run(
+                control.call(settings.gateway.control_path, "audit_pull", request, progress=step)
+            )
+        except control.ControlError as exc:
+            raise CliError(exc.message) from exc
+        step("verifying the export here")
+        # The daemon verified; the auditor's own copy is verified again, independently.
+        verification = audit.verify_export(result["export"])
+    _write_private(args.out, result["rendered"])
+    source = (
+        "collected from the device first"
+        if result["collected_from_device"]
+        else "the device was out of reach: newer records may still wait on it"
+    )
+    sys.stdout.write(
+        f"{args.out}: {len(result['export']['events'])} records of {args.device} ({source}), "
+        f"{'key ids revealed' if args.reveal else 'key ids pseudonymised'}; "
+        f"{verification.summary()}\n"
+    )
+    return 0 if verification.intact else 1
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    device_id, time_from, time_to = _export_request(args)
     auditor = args.auditor if args.auditor is not None else getpass.getuser()
     settings = load_config(args.config)
     path = settings.gateway.store_path
@@ -495,14 +653,7 @@ def _audit_export(args: argparse.Namespace) -> int:
             )
         except audit.AuditError as exc:
             raise CliError(str(exc)) from exc
-    text = audit.render(result, args.format)
-    try:
-        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-    except OSError as exc:
-        msg = f"{args.out}: {exc.strerror or exc}"
-        raise CliError(msg) from exc
+    _write_private(args.out, audit.render(result, args.format))
     verification = result.verification
     sys.stdout.write(
         f"{args.out}: {len(result.in_range)} records of {args.device}, "

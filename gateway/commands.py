@@ -95,6 +95,7 @@ __all__ = [
     "CommandClaims",
     "CommandError",
     "CommandVerifier",
+    "DeclineArgs",
     "DecommissionArgs",
     "ErrorCode",
     "GetStateArgs",
@@ -198,6 +199,7 @@ DeviceId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
 UpdateId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
 """Becomes a topic level (``updates/{update_id}/progress``): no ``/``, ``+``, ``#``."""
 Text = Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,200}$")]
+RequestId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 """Free text for people (work orders, reasons): no control characters for logs."""
 HourMinute = Annotated[str, Field(pattern=r"^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -395,11 +397,24 @@ class RegisterArgs(_Strict):
 
 
 class DecommissionArgs(_Strict):
-    """Take a device out of service; ``force`` even when it cannot be reached."""
+    """Take a device out of service; ``force`` even when it cannot be reached.
+
+    ``request_id`` answers a technician's request (``lockgw decommission``, published on
+    the ``requests`` topic): such a command is carried out only while that request waits.
+    """
 
     device_id: DeviceId
     reason: Text
     force: bool
+    request_id: RequestId | None = None
+
+
+class DeclineArgs(_Strict):
+    """The registry refuses a technician's request, e.g. because a service needs the lock."""
+
+    request_id: RequestId
+    reason: Text
+    needed_by: Annotated[list[Text], Field(max_length=32)] = []
 
 
 CommandArgs = (
@@ -410,6 +425,7 @@ CommandArgs = (
     | GetStateArgs
     | RegisterArgs
     | DecommissionArgs
+    | DeclineArgs
 )
 """The arguments of any operation; match on the type."""
 
@@ -421,6 +437,7 @@ OPERATIONS: Final[Mapping[str, type[CommandArgs]]] = {
     "get_state": GetStateArgs,
     "register": RegisterArgs,
     "decommission": DecommissionArgs,
+    "decline": DeclineArgs,
 }
 """Every operation the gateway knows, with the model its ``args`` must validate into."""
 

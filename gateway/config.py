@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -63,6 +64,7 @@ __all__ = [
 ]
 
 STORE_FILENAME: Final = "lockgw.sqlite3"
+CONTROL_FILENAME: Final = "control.sock"
 """The SQLite store's file name inside ``gateway.state_dir``."""
 
 DEFAULT_METRICS_LISTEN: Final = "127.0.0.1:9310"
@@ -208,6 +210,25 @@ the configuration file's directory."""
 
 Directory = Annotated[Path, BeforeValidator(_to_path), AfterValidator(_directory)]
 """A directory; it need not exist yet (systemd's StateDirectory= or the daemon creates it)."""
+
+
+MAX_SOCKET_PATH: Final = 107
+"""Longest path a Unix socket can be bound to on Linux (sun_path holds 108 bytes)."""
+
+
+def _socket_path(value: Path, info: ValidationInfo) -> Path:
+    path = _resolve(value, info)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise _path_problem(
+            value, info, f"longer than the {MAX_SOCKET_PATH} bytes a Unix socket path can have"
+        )
+    if path.exists() and not path.is_socket():
+        raise _path_problem(value, info, "exists but is not a socket")
+    return path
+
+
+SocketPath = Annotated[Path, BeforeValidator(_to_path), AfterValidator(_socket_path)]
+"""Where the daemon listens for local clients; the directory must exist when it starts."""
 
 
 def _list_to_tuple(value: object) -> object:
@@ -383,11 +404,20 @@ class GatewaySettings(_Section):
     """The gateway certificate, binary or hex."""
     authority_key_file: ReadableFile
     """The authority's Ed25519 public key: 32 raw bytes, hex, or PEM."""
+    control_socket: SocketPath | None = None
+    """The daemon's local control socket, for ``lockgw decommission`` and ``lockgw audit
+    pull`` (default ``state_dir/control.sock``; under systemd ``/run/lockgw/control.sock``,
+    so that members of the lockgw group can reach it)."""
 
     @property
     def store_path(self) -> Path:
         """The SQLite store: ``state_dir / lockgw.sqlite3``."""
         return self.state_dir / STORE_FILENAME
+
+    @property
+    def control_path(self) -> Path:
+        """Where the control socket is: :attr:`control_socket` or its default."""
+        return self.control_socket or self.state_dir / CONTROL_FILENAME
 
 
 class RadioSettings(_Section):

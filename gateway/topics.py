@@ -42,6 +42,11 @@ class Topics:
         return f"{self.base}/audit"
 
     @property
+    def requests(self) -> str:
+        """Where a technician's requests go to the registry (``lockgw decommission``)."""
+        return f"{self.base}/requests"
+
+    @property
     def registrations(self) -> str:
         return f"{self.base}/registrations"
 

@@ -35,7 +35,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
@@ -94,6 +94,7 @@ _SCHEMA_FOR_SUFFIX: Final = (
     ("/alarms", "alarm"),
     ("/audit", "audit"),
     ("/state", "device-state"),
+    ("/requests", "request"),
 )
 
 
@@ -117,6 +118,10 @@ class CommandFailed(Exception):
 
 class DecommissionRefused(Exception):
     """Another service still needs the lock; decommission only with an override reason."""
+
+    def __init__(self, message: str, needed_by: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.needed_by = list(needed_by)
 
 
 @dataclass(frozen=True)
@@ -260,6 +265,9 @@ class ReferenceRegistry:
         """(topic, reason) of payloads refused before being believed."""
         self.services: dict[str, set[str]] = {}
         """Device id -> the services (care plans, ...) that still need the lock."""
+        self.requests: dict[str, dict[str, Any]] = {}
+        """Request id -> a technician's request (``lockgw decommission``) as received, with
+        ``answer``: ``decommission``, ``decline`` or ``expired``."""
         self.connections = 0
 
         self._chains: dict[str, _Chain] = {}
@@ -269,6 +277,7 @@ class ReferenceRegistry:
         self._revoked: dict[int, int] = {}
         self._revocation_version = 0
         self._client: aiomqtt.Client | None = None
+        self._answering: set[asyncio.Task[None]] = set()
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
 
@@ -291,6 +300,10 @@ class ReferenceRegistry:
                         self.take(str(message.topic), message.payload)
             except aiomqtt.MqttError as exc:
                 _log.info("registry connection lost: %s", exc)
+            except asyncio.CancelledError:
+                for task in self._answering:
+                    task.cancel()
+                raise
             finally:
                 self._client = None
                 self._connected.clear()
@@ -407,6 +420,11 @@ class ReferenceRegistry:
             self.audits.append(body)
         elif schema == "device-state":
             self.device_states[body["device_id"]] = body
+        elif schema == "request":
+            self.requests[body["request_id"]] = body
+            task = asyncio.get_running_loop().create_task(self._answer_request(gateway, body))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
 
     def _registration(self, gateway: str, body: dict[str, Any]) -> None:
         device = body["device_id"]
@@ -763,17 +781,48 @@ class ReferenceRegistry:
         ahead anyway (it is added to the reason sent). ``force`` is the gateway's flag:
         decommission even when the device cannot be reached.
         """
+        reason = self.decommission_reason(device_id, reason, override)
+        args = {"device_id": device_id, "reason": reason, "force": force}
+        return await self.command("decommission", args, gateway=gateway, timeout=timeout)
+
+    def decommission_reason(self, device_id: str, reason: str, override: str | None) -> str:
+        """The reason to send with a decommission, or :class:`DecommissionRefused`."""
         if not reason.strip():
             msg = "a decommission needs a reason"
             raise ValueError(msg)
         needed = sorted(self.services.get(device_id, ()))
-        if needed:
-            if override is None or not override.strip():
-                msg = f"{device_id} is still needed by {', '.join(needed)}"
-                raise DecommissionRefused(msg)
-            reason = f"{reason} (overriding {', '.join(needed)}: {override})"[:200]
-        args = {"device_id": device_id, "reason": reason, "force": force}
-        return await self.command("decommission", args, gateway=gateway, timeout=timeout)
+        if not needed:
+            return reason
+        if override is None or not override.strip():
+            msg = f"{device_id} is still needed by {', '.join(needed)}"
+            raise DecommissionRefused(msg, needed)
+        return f"{reason} (overriding {', '.join(needed)}: {override})"[:200]
+
+    async def _answer_request(self, gateway: str, body: Mapping[str, Any]) -> None:
+        """A technician asks to decommission: agree with a ``decommission``, or ``decline``."""
+        request_id = body["request_id"]
+        if body["op"] != "decommission" or body["expires_at"] < time.time():
+            self.requests[request_id]["answer"] = "expired"
+            return
+        device = body["device_id"]
+        try:
+            reason = self.decommission_reason(device, body["reason"], body.get("override"))
+        except DecommissionRefused as refused:
+            self.requests[request_id]["answer"] = "decline"
+            args: dict[str, Any] = {
+                "request_id": request_id,
+                "reason": str(refused)[:200],
+                "needed_by": refused.needed_by,
+            }
+            op = "decline"
+        else:
+            self.requests[request_id]["answer"] = "decommission"
+            args = {"device_id": device, "reason": reason, "force": False, "request_id": request_id}
+            op = "decommission"
+        try:
+            await self.command(op, args, gateway=gateway, timeout=COMMAND_LIFETIME)
+        except CommandFailed as exc:
+            _log.info("no answer to %s for request %s: %s", op, request_id, exc)
 
 
 def _first_mismatch(events: list[dict[str, Any]], records: tuple[LogRecord, ...]) -> int | None:
