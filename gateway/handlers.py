@@ -45,6 +45,7 @@ from gateway.store import DeviceRecord, OutboxMessage, Store
 from gateway.topics import Topics
 from gateway.updates import Priority, UpdateService
 from gateway.worker import BlockingWorker
+from protocols.envelopes import TargetKind
 from protocols.errors import ProtocolError
 from protocols.identity import format_device_id, parse_device_id
 from protocols.messages import TimeSync, TimeSyncResult
@@ -134,6 +135,17 @@ class CommandHandler:
     async def _submit(self, command: Command) -> dict[str, Any]:
         assert command.update is not None  # only revoke and set_access carry one
         update_id: str = command.args.update_id  # type: ignore[union-attr]  # both carry it
+        target = command.update.target
+        if target.kind is TargetKind.DEVICE:
+            # The verifier checked fleet and site targets; whether the registry's scope
+            # covers one device depends on the device's site, which only the store knows.
+            assert target.device_id is not None
+            device = await self.worker.run(self.store.get_device, target.device_id)
+            if device is not None and not command.covers(device.device_id, device.site_id):
+                raise CommandError(
+                    ErrorCode.OUT_OF_SCOPE,
+                    f"device {format_device_id(device.device_id)} is outside the registry's scope",
+                )
         devices = await self.updates.submit(update_id, command.update)
         await self.scheduler.reload()
         return {
