@@ -552,6 +552,7 @@ def _add_audit_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     verify.add_argument(
         "--device-key", required=True, help="the device's public key: hex, or a key file"
     )
+    verify.add_argument("--json", action="store_true", help="the verdict as JSON for scripts")
     verify.set_defaults(handler=_audit_verify)
 
 
@@ -564,6 +565,7 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reveal", action="store_true", help="show real staff key ids")
     parser.add_argument("--reason", help="why key ids are revealed (required with --reveal)")
     parser.add_argument("--auditor", help="who exports (default: the login name)")
+    parser.add_argument("--json", action="store_true", help="a JSON summary for scripts")
 
 
 def _export_request(args: argparse.Namespace) -> tuple[bytes, int, int]:
@@ -617,17 +619,41 @@ def _audit_pull(args: argparse.Namespace) -> int:
         # The daemon verified; the auditor's own copy is verified again, independently.
         verification = audit.verify_export(result["export"])
     _write_private(args.out, result["rendered"])
-    source = (
-        "collected from the device first"
-        if result["collected_from_device"]
-        else "the device was out of reach: newer records may still wait on it"
-    )
-    sys.stdout.write(
-        f"{args.out}: {len(result['export']['events'])} records of {args.device} ({source}), "
-        f"{'key ids revealed' if args.reveal else 'key ids pseudonymised'}; "
-        f"{verification.summary()}\n"
-    )
+    records = len(result["export"]["events"])
+    if args.json:
+        _summary(args, records, verification, collected=result["collected_from_device"])
+    else:
+        source = (
+            "collected from the device first"
+            if result["collected_from_device"]
+            else "the device was out of reach: newer records may still wait on it"
+        )
+        sys.stdout.write(
+            f"{args.out}: {records} records of {args.device} ({source}), "
+            f"{'key ids revealed' if args.reveal else 'key ids pseudonymised'}; "
+            f"{verification.summary()}\n"
+        )
     return 0 if verification.intact else 1
+
+
+def _summary(
+    args: argparse.Namespace,
+    records: int,
+    verification: audit.VerificationResult,
+    *,
+    collected: bool | None = None,
+) -> None:
+    document: dict[str, object] = {
+        "out": str(args.out),
+        "device_id": args.device,
+        "format": args.format,
+        "records": records,
+        "revealed": args.reveal,
+        "verification": verification.to_dict(),
+    }
+    if collected is not None:
+        document["collected_from_device"] = collected
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
 def _audit_export(args: argparse.Namespace) -> int:
@@ -655,11 +681,14 @@ def _audit_export(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from exc
     _write_private(args.out, audit.render(result, args.format))
     verification = result.verification
-    sys.stdout.write(
-        f"{args.out}: {len(result.in_range)} records of {args.device}, "
-        f"{'key ids revealed' if args.reveal else 'key ids pseudonymised'}; "
-        f"{verification.summary()}\n"
-    )
+    if args.json:
+        _summary(args, len(result.in_range), verification)
+    else:
+        sys.stdout.write(
+            f"{args.out}: {len(result.in_range)} records of {args.device}, "
+            f"{'key ids revealed' if args.reveal else 'key ids pseudonymised'}; "
+            f"{verification.summary()}\n"
+        )
     return 0 if verification.intact else 1
 
 
@@ -678,7 +707,10 @@ def _audit_verify(args: argparse.Namespace) -> int:
             msg = f"--device-key must be 32 bytes (64 hex digits), got {len(device_key)}"
             raise CliError(msg, 2)
     result = audit.verify_file(args.file, device_key)
-    sys.stdout.write(f"{args.file}: {result.summary()}\n")
+    if args.json:
+        sys.stdout.write(json.dumps({"file": str(args.file), **result.to_dict()}, indent=2) + "\n")
+    else:
+        sys.stdout.write(f"{args.file}: {result.summary()}\n")
     return 0 if result.intact else 1
 
 

@@ -17,8 +17,8 @@ answered by any number of progress lines and one final line::
     {"ok": true, "result": {...}}
     {"ok": false, "error": {"code": "declined", "message": "...", "details": {...}}}
 
-An operation runs to its end even if the client goes away (a half-done decommission is
-worse than an unread answer).
+A client that hangs up (Ctrl-C) abandons its request: the operation is cancelled where it
+stands, which each operation allows at any point (see ``ControlServer._unless_abandoned``).
 """
 
 from __future__ import annotations
@@ -165,7 +165,12 @@ class ControlServer:
             if operation is None:
                 raise ControlError(BAD_REQUEST, f"no operation {op!r}")
             log.info("control_request", op=op, user=caller.user, pid=caller.pid)
-            result = await operation(args, caller, lambda step: send({"progress": step}))
+            result = await self._unless_abandoned(
+                operation(args, caller, lambda step: send({"progress": step})), reader
+            )
+        except _Abandoned:
+            log.info("control_request_abandoned", op=op, user=caller.user, pid=caller.pid)
+            return
         except ControlError as exc:
             send({"ok": False, "error": _error(exc.code, exc.message, exc.details)})
         except RequestError as exc:
@@ -174,6 +179,29 @@ class ControlServer:
             send({"ok": True, "result": result})
         with contextlib.suppress(OSError, ConnectionError):
             await writer.drain()
+
+    @staticmethod
+    async def _unless_abandoned(
+        work: Awaitable[dict[str, Any]], reader: asyncio.StreamReader
+    ) -> dict[str, Any]:
+        """``work``'s result, or :class:`_Abandoned` once the client hangs up (Ctrl-C).
+
+        Every operation can be given up at any await: a technician's request still waiting
+        for the registry is withdrawn (a later answer is refused), a decommission already
+        started finishes in the scheduler, a pull's collection commits whole batches.
+        """
+        task = asyncio.ensure_future(work)
+        hang_up = asyncio.ensure_future(reader.read(1))  # a client sends nothing more
+        try:
+            await asyncio.wait([task, hang_up], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hang_up.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise _Abandoned
+        return task.result()
 
     @staticmethod
     async def _read(reader: asyncio.StreamReader) -> tuple[str, Mapping[str, Any]]:
@@ -199,6 +227,10 @@ class ControlServer:
             msg = 'a request is {"op": NAME, "args": {...}}'
             raise ControlError(BAD_REQUEST, msg)
         return request["op"], request.get("args", {})
+
+
+class _Abandoned(Exception):
+    """The client went away before the answer."""
 
 
 def _error(code: str, message: str, details: Mapping[str, Any]) -> dict[str, Any]:

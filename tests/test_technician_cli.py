@@ -140,6 +140,15 @@ async def test_auditor_pulls_and_technician_decommissions_through_the_daemon(
             assert code == 1
             last = tampered["batches"][-1]["start_sequence"] + len(raw) // 30 - 1
             assert f"record {last}" in stdout, stdout
+            code, stdout, _ = await lockgw("audit", "verify", str(bad), "--json",
+                                           "--device-key", device_key)  # fmt: skip
+            assert code == 1
+            verdict = json.loads(stdout)
+            assert not verdict["intact"]
+            assert verdict["failure"]["sequence"] == last
+            code, stdout, _ = await lockgw(*pull, "--out", str(tmp_path / "p.json"), "--json")
+            assert code == 0
+            assert json.loads(stdout)["verification"]["intact"] is True
 
             # Decommission: refused while another service needs the lock; nothing changes.
             registry.services[retired] = {"home-nursing"}

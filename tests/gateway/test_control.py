@@ -116,3 +116,31 @@ async def test_a_stale_socket_is_replaced_but_a_live_one_is_not(tmp_path: Path) 
             async with _server(path):
                 pass
         assert (await control.call(path, "echo", {}, progress=lambda _s: None))["args"] == {}
+
+
+async def test_a_client_hanging_up_abandons_its_request(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def slow(
+        _args: Mapping[str, Any], _caller: Caller, _progress: Progress
+    ) -> dict[str, Any]:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return {}
+
+    async with ControlServer(path, {"slow": slow}):
+        _reader, writer = await asyncio.open_unix_connection(os.fspath(path))
+        writer.write(b'{"op": "slow"}\n')
+        await writer.drain()
+        async with asyncio.timeout(10):
+            await started.wait()
+        writer.close()  # Ctrl-C in the CLI
+        await writer.wait_closed()
+        async with asyncio.timeout(10):
+            await cancelled.wait()
