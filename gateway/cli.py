@@ -614,7 +614,12 @@ def _audit_pull(args: argparse.Namespace) -> int:
                 control.call(settings.gateway.control_path, "audit_pull", request, progress=step)
             )
         except control.ControlError as exc:
-            raise CliError(exc.message) from exc
+            hint = (
+                "; `lockgw audit export` exports what the store already holds"
+                if exc.code == control.UNAVAILABLE
+                else ""
+            )
+            raise CliError(exc.message + hint) from exc
         step("verifying the export here")
         # The daemon verified; the auditor's own copy is verified again, independently.
         verification = audit.verify_export(result["export"])
