@@ -8,7 +8,10 @@ session, as a broker crash without persistence would.
 
 :func:`make_tls_files` generates, with ``cryptography``, a test CA, a server certificate
 for 127.0.0.1, a client certificate for the gateway, and a second CA with a client
-certificate of its own (which the broker must refuse).
+certificate of its own (which the broker must refuse); :func:`issue_client_certificate`
+adds client certificates of the test CA for more names (more gateways, the registry).
+A test that needs a whole configuration of its own (the reference deployment of
+config/mosquitto/) passes it as ``config``.
 
 Mosquitto is not optional: when the binary is missing the tests fail (never skip) and
 say that ``scripts/test`` installs it.
@@ -20,6 +23,7 @@ import datetime
 import ipaddress
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +46,12 @@ from simulators.broker import (
 __all__ = [
     "HOST",
     "BrokerError",
+    "ClientCertificate",
     "Mosquitto",
     "TlsFiles",
     "find_mosquitto",
     "free_port",
+    "issue_client_certificate",
     "make_tls_files",
 ]
 
@@ -55,7 +61,10 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """PEM files of a test PKI. ``other_*`` belong to a CA the broker does not trust."""
+    """PEM files of a test PKI. ``other_*`` belong to a CA the broker does not trust.
+
+    ``ca_key`` is the test CA's private key, for :func:`issue_client_certificate`.
+    """
 
     ca_cert: Path
     server_cert: Path
@@ -65,6 +74,15 @@ class TlsFiles:
     other_ca_cert: Path
     other_client_cert: Path
     other_client_key: Path
+    ca_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    """A client certificate and its private key, PEM."""
+
+    cert: Path
+    key: Path
 
 
 def _name(common_name: str) -> x509.Name:
@@ -148,6 +166,7 @@ def _issue(
 def make_tls_files(directory: Path, client_name: str = "gw-north-1") -> TlsFiles:
     """Generate the test PKI into ``directory`` (P-256 keys: quick to make and use)."""
     directory.mkdir(parents=True, exist_ok=True)
+    ca_key_file = directory / "ca.key"
     files = TlsFiles(
         ca_cert=directory / "ca.pem",
         server_cert=directory / "server.pem",
@@ -157,6 +176,7 @@ def make_tls_files(directory: Path, client_name: str = "gw-north-1") -> TlsFiles
         other_ca_cert=directory / "other-ca.pem",
         other_client_cert=directory / "other-client.pem",
         other_client_key=directory / "other-client.key",
+        ca_key=ca_key_file,
     )
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _issue("lockgw test CA", ca_key, None, ca_key)
@@ -167,6 +187,7 @@ def make_tls_files(directory: Path, client_name: str = "gw-north-1") -> TlsFiles
     other_client_key = ec.generate_private_key(ec.SECP256R1())
 
     _write_cert(files.ca_cert, ca)
+    _write_key(ca_key_file, ca_key)
     _write_cert(files.server_cert, _issue("localhost", server_key, ca, ca_key, server=True))
     _write_key(files.server_key, server_key)
     _write_cert(files.client_cert, _issue(client_name, client_key, ca, ca_key))
@@ -179,6 +200,29 @@ def make_tls_files(directory: Path, client_name: str = "gw-north-1") -> TlsFiles
     return files
 
 
+def issue_client_certificate(files: TlsFiles, common_name: str) -> ClientCertificate:
+    """A client certificate of the test CA for ``common_name``, next to the CA's files.
+
+    With ``use_identity_as_username`` the common name is the client's MQTT username.
+    """
+    if files.ca_key is None:
+        msg = "these TLS files carry no CA key to issue with"
+        raise ValueError(msg)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        msg = f"unexpected CA key type {type(ca_key).__name__}"
+        raise TypeError(msg)
+    key = ec.generate_private_key(ec.SECP256R1())
+    directory = files.ca_cert.parent
+    issued = ClientCertificate(
+        cert=directory / f"client-{common_name}.pem", key=directory / f"client-{common_name}.key"
+    )
+    _write_cert(issued.cert, _issue(common_name, key, ca, ca_key))
+    _write_key(issued.key, key)
+    return issued
+
+
 # ----------------------------------------------------------------------------- broker
 
 
@@ -189,7 +233,9 @@ class Mosquitto(Broker):
     CA, whose common name becomes the MQTT username. ``acl`` is the text of an ACL file
     (Mosquitto syntax), for tests of what the broker refuses. ``persistence`` keeps
     sessions, subscriptions and queued QoS 1 messages across a stop and start, as a
-    production broker does.
+    production broker does. ``config``, when given, makes the whole configuration file
+    instead (from the broker, whose port, directory and log file it may use); ``tls``
+    then only describes the PKI it uses.
     """
 
     def __init__(
@@ -199,13 +245,17 @@ class Mosquitto(Broker):
         tls: TlsFiles | None = None,
         acl: str | None = None,
         persistence: bool = False,
+        config: Callable[[Mosquitto], str] | None = None,
     ) -> None:
         self.tls = tls
         self.acl = acl
         self.persistence = persistence
+        self.config = config
         super().__init__(directory)
 
     def _config_lines(self) -> list[str]:
+        if self.config is not None:
+            return self.config(self).splitlines()
         lines = [
             "per_listener_settings false",
             *(
