@@ -1,6 +1,7 @@
 """The virtual radio: Bumble controllers on a scalable in-process link.
 
-* :class:`ScalableLink` replaces ``bumble.link.LocalLink`` for hundreds of devices.
+* :class:`ScalableLink` replaces ``bumble.link.LocalLink`` for hundreds of devices, and
+  optionally times connections as a real radio would (:class:`simulators.timing.BleTiming`).
 * :class:`VirtualController` is a ``bumble.controller.Controller`` that keeps the link told
   whether it listens to advertising, and fixes two gaps of Bumble's controller.
 * :class:`VirtualPeripheral` is one simulated device serving the lockgw GATT service.
@@ -24,9 +25,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import random
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Self
 
 from bumble import core, hci, ll
@@ -49,6 +53,8 @@ from protocols.gatt import (
 
 if TYPE_CHECKING:
     from types import TracebackType
+
+    from simulators.timing import BleTiming
 
 __all__ = [
     "DEFAULT_ADVERTISING_INTERVAL",
@@ -73,6 +79,11 @@ STOP_TIMEOUT: Final = 5.0
 """Waiting for a graceful disconnection or HCI command while a device stops."""
 
 MAX_LEGACY_ADVERTISING_DATA: Final = 31
+
+ATT_CID: Final = 0x0004
+"""L2CAP channel of the Attribute Protocol (Core Vol 3 Part A 2.1)."""
+ATT_EXCHANGE_MTU_OPCODES: Final = frozenset({0x02, 0x03})
+"""ATT_EXCHANGE_MTU_REQ and ATT_EXCHANGE_MTU_RSP (Core Vol 3 Part F 3.4.2)."""
 
 
 class PeripheralStateError(RuntimeError):
@@ -137,10 +148,15 @@ class VirtualController(Controller):
       never sends the LE Connection Complete (Unknown Connection Identifier) the spec
       requires, so ``Device.connect(timeout=...)`` hangs after its timeout and every later
       connect fails with Command Disallowed. Fixed here.
+    * On a timed :class:`ScalableLink` its host hears of a connection it initiated after the
+      link's connection set-up time, as the peer does.
     * HCI Reset: Bumble's is a no-op. Here it drops the controller's connections (the peers see
       a supervision timeout) and stops advertising, scanning and initiating, as a real
       controller does, so a host that reconnects over HCI/TCP starts clean.
     """
+
+    _connection_setup: float | None = None
+    """While initiating on a timed link: how long our LE Connection Complete is held."""
 
     def __init__(
         self,
@@ -168,8 +184,22 @@ class VirtualController(Controller):
         self._listening_changed()
 
     def create_le_connection(self, peer_address: hci.Address) -> None:
-        super().create_le_connection(peer_address)
+        timing = self.link.timing if isinstance(self.link, ScalableLink) else None
+        # With a timed link, our host hears of the connection when the peer does: after the
+        # set-up (see ScalableLink.send_advertising_pdu, which delays CONNECT_IND as long).
+        self._connection_setup = None if timing is None else timing.connection_setup
+        try:
+            super().create_le_connection(peer_address)
+        finally:
+            self._connection_setup = None
         self._listening_changed()
+
+    def send_hci_packet(self, packet: hci.HCI_Packet) -> None:
+        delay = self._connection_setup
+        if delay and isinstance(packet, hci.HCI_LE_Connection_Complete_Event):
+            asyncio.get_running_loop().call_later(delay, super().send_hci_packet, packet)
+            return
+        super().send_hci_packet(packet)
 
     def on_hci_le_create_connection_cancel_command(
         self, _command: hci.HCI_LE_Create_Connection_Cancel_Command
@@ -230,10 +260,32 @@ class ScalableLink(LocalLink):
       dict (LocalLink scans every controller and every connection each time).
 
     Lookups that miss fall back to LocalLink's scan, so odd cases behave as before.
+
+    With a ``timing`` (:class:`simulators.timing.BleTiming`; None, the default, delivers
+    at once as LocalLink does) the link times LE connections by the model's rules:
+
+    * CONNECT_IND reaches the advertiser ``connection_setup`` after the initiator sent it
+      (which it does on the target's next advert), and the initiator's host gets its LE
+      Connection Complete then too; that moment is the anchor of the first connection event.
+    * ACL data (whole L2CAP PDUs, as Bumble's controllers pass them) goes out in LL packets
+      of at most ``data_length`` octets, at most ``packets_per_interval`` per direction per
+      connection event, in the first event that starts after the controller got it. A PDU
+      arrives when its last packet has been sent (anchor plus the airtime of the packets
+      before it in that event).
+    * ATT Exchange MTU requests and responses offer at most ``att_mtu``.
+
+    * A :class:`VirtualPeripheral` starts advertising at a random phase of its interval.
+
+    LL control PDUs (termination, encryption) are not delayed; timed data still under way
+    when a connection ends is dropped. :attr:`on_acl_pdu`, if set,
+    sees every LE ACL PDU (source, destination, PDU) as the link takes it, timed or not.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timing: BleTiming | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # LocalLink.__init__ is unannotated
+        self.timing = timing
+        self.on_acl_pdu: Callable[[hci.Address, hci.Address, bytes], None] | None = None
+        self._paced: dict[frozenset[hci.Address], _PacedConnection] = {}
         self._owners: dict[hci.Address, Controller] = {}
         self._owned: dict[Controller, set[hci.Address]] = {}
         self._listeners: set[Controller] = set()
@@ -310,7 +362,12 @@ class ScalableLink(LocalLink):
             if target is None:
                 super().send_advertising_pdu(sender_controller, packet)
             elif target is not sender_controller:
-                loop.call_soon(target.on_ll_advertising_pdu, packet)
+                if self.timing is None:
+                    loop.call_soon(target.on_ll_advertising_pdu, packet)
+                else:
+                    loop.call_later(
+                        self.timing.connection_setup, self._connect_timed, target, packet
+                    )
             return
         if isinstance(packet, (ll.AdvInd, ll.AdvExtInd)):
             self._claim(sender_controller, packet.advertiser_address)
@@ -322,6 +379,122 @@ class ScalableLink(LocalLink):
                     loop.call_soon(controller.on_ll_advertising_pdu, packet)
             return
         super().send_advertising_pdu(sender_controller, packet)
+
+    # -- timing --------------------------------------------------------------------------
+
+    def _connect_timed(self, target: Controller, packet: ll.ConnectInd) -> None:
+        """CONNECT_IND reaches ``target`` after the set-up: the first connection event."""
+        pair = frozenset((packet.initiator_address, packet.advertiser_address))
+        self._paced[pair] = _PacedConnection(asyncio.get_running_loop().time())
+        target.on_ll_advertising_pdu(packet)
+
+    def send_acl_data(
+        self,
+        sender_controller: Controller,
+        destination_address: hci.Address,
+        transport: core.PhysicalTransport,
+        data: bytes,
+    ) -> None:
+        timing = self.timing
+        if transport != core.PhysicalTransport.LE or (timing is None and self.on_acl_pdu is None):
+            super().send_acl_data(sender_controller, destination_address, transport, data)
+            return
+        source_address = sender_controller.random_address
+        if timing is not None:
+            data = _cap_att_mtu(data, timing.att_mtu)
+        if self.on_acl_pdu is not None:
+            self.on_acl_pdu(source_address, destination_address, data)
+        destination = self.find_le_controller(destination_address)
+        if destination is None:
+            return
+        loop = asyncio.get_running_loop()
+        if timing is None:
+            loop.call_soon(destination.on_link_acl_data, source_address, transport, data)
+            return
+        now = loop.time()
+        pair = frozenset((source_address, destination_address))
+        paced = self._paced.get(pair)
+        if paced is None:  # a connection made before the link was timed
+            paced = self._paced[pair] = _PacedConnection(now)
+        when = paced.schedule(timing, source_address, len(data), now)
+        loop.call_at(when, self._deliver, pair, paced, destination, source_address, data)
+
+    def _deliver(
+        self,
+        pair: frozenset[hci.Address],
+        paced: _PacedConnection,
+        destination: Controller,
+        source_address: hci.Address,
+        data: bytes,
+    ) -> None:
+        """A timed PDU's last packet is through; nothing arrives after the connection
+        ended (LL_TERMINATE_IND) or was replaced by a new one between the same devices."""
+        if self._paced.get(pair) is paced:
+            destination.on_link_acl_data(source_address, core.PhysicalTransport.LE, data)
+
+    def send_ll_control_pdu(
+        self,
+        sender_address: hci.Address,
+        receiver_address: hci.Address,
+        packet: ll.ControlPdu,
+    ) -> None:
+        if isinstance(packet, ll.TerminateInd):
+            self._paced.pop(frozenset((sender_address, receiver_address)), None)
+        super().send_ll_control_pdu(sender_address, receiver_address, packet)
+
+
+def _cap_att_mtu(pdu: bytes, att_mtu: int) -> bytes:
+    """``pdu`` with the MTU of an ATT Exchange MTU request or response lowered to
+    ``att_mtu``; any other PDU as it is. L2CAP basic frame: length (2), channel (2), then
+    the ATT PDU: opcode (1), MTU (2, little-endian)."""
+    if (
+        len(pdu) < 7
+        or int.from_bytes(pdu[2:4], "little") != ATT_CID
+        or pdu[4] not in ATT_EXCHANGE_MTU_OPCODES
+    ):
+        return pdu
+    mtu = int.from_bytes(pdu[5:7], "little")
+    if mtu <= att_mtu:
+        return pdu
+    return pdu[:5] + att_mtu.to_bytes(2, "little") + pdu[7:]
+
+
+@dataclass
+class _Direction:
+    """Where the next LL packet from one side of a connection can go."""
+
+    event: int = 0
+    """Index of the connection event it may go in, at the earliest."""
+    used: int = 0
+    """Packets that event already carries from this side."""
+    elapsed: float = 0.0
+    """Seconds of that event those packets take (packet, T_IFS, acknowledgement, T_IFS)."""
+
+
+@dataclass
+class _PacedConnection:
+    """The connection events of one timed connection: anchor of the first, per side the
+    packets already placed."""
+
+    anchor: float
+    sides: dict[hci.Address, _Direction] = field(default_factory=dict)
+
+    def schedule(self, timing: BleTiming, source: hci.Address, octets: int, now: float) -> float:
+        """Place a PDU of ``octets`` from ``source`` handed over at ``now``; loop time at
+        which its last packet has been sent."""
+        side = self.sides.setdefault(source, _Direction())
+        interval = timing.connection_interval
+        earliest = max(0, math.ceil((now - self.anchor) / interval - 1e-9))
+        if earliest > side.event:
+            side.event, side.used, side.elapsed = earliest, 0, 0.0
+        end = 0.0
+        for length in timing.ll_packets(octets):
+            if side.used >= timing.packets_per_interval:
+                side.event, side.used, side.elapsed = side.event + 1, 0, 0.0
+            end = side.elapsed + timing.packet_airtime(length)
+            side.elapsed += timing.packet_slot(length)
+            side.used += 1
+        return self.anchor + side.event * interval + end
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,6 +627,11 @@ class VirtualPeripheral:
         self._controller, self._device, self._notify_characteristic = controller, device, notify
         try:
             await device.power_on()
+            if isinstance(self._link, ScalableLink) and self._link.timing is not None:
+                # Devices powered on at different moments advertise at unrelated phases;
+                # started together they would all advertise in step, and a central would
+                # wait a whole interval for each of them in turn.
+                await asyncio.sleep(random.uniform(0.0, self._advertising_interval))  # noqa: S311  # a phase, not a secret
             await device.start_advertising(
                 advertising_type=AdvertisingType.UNDIRECTED_CONNECTABLE_SCANNABLE,
                 advertising_data=self._advertising_data,
