@@ -406,6 +406,8 @@ def verify_file(path: Path, device_key: bytes | None) -> VerificationResult:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return _failed(None, None, MALFORMED, f"cannot read {path}: {exc}")
+    except RecursionError:  # JSON nested deeper than the parser's recursion limit
+        return _failed(None, None, MALFORMED, f"cannot read {path}: nested too deeply")
     if not isinstance(document, dict):
         return _failed(None, None, MALFORMED, "the export is not a JSON object")
     if device_key is not None:
