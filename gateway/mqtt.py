@@ -51,6 +51,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import socket
 import ssl
 import time
@@ -95,6 +96,13 @@ OFFLINE_TIMEOUT: Final = 5.0
 """Longest wait for the PUBACK of the offline status at shutdown."""
 
 _MAX_TOPIC_BYTES: Final = 65535
+
+_MESSAGE_ID_PLACEHOLDER: Final = re.compile(rb'"message_id"\s*:\s*null')
+"""Where a payload may hold the ``"message_id": null`` that the bridge fills in."""
+
+PENDING_PUBLISH_MARGIN: Final = 50
+"""Publishes in flight beyond ``publish_batch`` before aiomqtt warns about them (the
+retained state, responses and refusals that may overlap a drain)."""
 
 
 def _lockgw_version() -> str:
@@ -278,13 +286,21 @@ class _Client(aiomqtt.Client):
     """
 
     def __init__(
-        self, *args: Any, on_overflow: Callable[[str], None] | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        on_overflow: Callable[[str], None] | None = None,
+        pending_calls_threshold: int = PENDING_PUBLISH_MARGIN,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._refused: dict[int, ReasonCode] = {}
         self._on_overflow = on_overflow
         # Acknowledge incoming QoS 1 messages only when they have been handled (ack()).
         self._client.manual_ack_set(on=True)
+        # aiomqtt warns once more than 10 publishes await their PUBACK; the outbox drain
+        # pipelines ``publish_batch`` of them by design, which is no cause for a warning
+        # (and the warning, one per publish, would flood the journal).
+        self.pending_calls_threshold = pending_calls_threshold
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         # aiomqtt drops a message that finds its queue full and never tells; with manual
@@ -552,6 +568,7 @@ class MqttBridge:
             # and delayed ACKs add some 40 ms to every command and PUBACK.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             on_overflow=self._overflow,
+            pending_calls_threshold=settings.publish_batch + PENDING_PUBLISH_MARGIN,
             **options,
         )
 
@@ -761,7 +778,8 @@ class MqttBridge:
         The outbox id is assigned by the same INSERT that stores the payload, so a
         producer cannot write it; it leaves the placeholder and the bridge fills it in.
         """
-        if b'"message_id"' not in row.payload:
+        if _MESSAGE_ID_PLACEHOLDER.search(row.payload) is None:
+            # Most rows (every events batch) carry their own id: no need to parse them.
             return row.payload
         try:
             body = json.loads(row.payload)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import struct
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Final, NoReturn
 
-from construct import Bytes, Const, Int8ub, Int16ub, Int32ub, PrefixedArray, Struct
+from construct import Int32ub, Struct
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -75,51 +76,30 @@ GENESIS_CONTEXT: Final = b"lockgw/log/genesis/v1"
 CHECKPOINT_CONTEXT: Final = b"lockgw/log/checkpoint/v1"
 
 _U32_MAX: Final = 0xFFFF_FFFF
+_sha256: Final = hashlib.sha256
 _STATE_VERSION: Final = 1
 
-_RECORD = Struct(
-    "sequence" / Int32ub,
-    "time" / Int32ub,
-    "event" / Int8ub,
-    "reason" / Int8ub,
-    "key_id" / Int32ub,
-    "payload" / Bytes(PAYLOAD_SIZE),
-    "link" / Bytes(LINK_SIZE),
-)
+# Fixed layouts, all integers big-endian. They are packed with ``struct`` rather than
+# construct: a batch is up to 1,000 records, each decoded, re-encoded for its chain hash
+# and stored, and construct costs some fifty times as much per record. The objects handed
+# to the encoders are validated when they are built, so packing cannot fail or pad.
+_RECORD: Final = struct.Struct(">IIBBI8s8s")
+"""sequence u32, time u32, event u8, reason u8, key_id u32, payload (8), link (8)."""
 
-_CHECKPOINT = Struct(
-    "sequence" / Int32ub,
-    "head" / Bytes(HEAD_SIZE),
-    "time" / Int32ub,
-    "signature" / Bytes(SIGNATURE_SIZE),
-)
+_CHECKPOINT: Final = struct.Struct(">I32sI64s")
+"""sequence u32, head (32), time u32, signature (64)."""
 
-# What the device signs. The context string keeps a checkpoint signature from being
+# What the device signs, b"lockgw/log/checkpoint/v1" || device_id (8) || sequence u32 ||
+# head (32) || time u32. The context string keeps a checkpoint signature from being
 # accepted as any other signature the same device key makes, and the device id binds it
 # to one device even if two devices were ever to share a key.
-_SIGNED_CHECKPOINT = Struct(
-    Const(CHECKPOINT_CONTEXT),
-    "device_id" / Bytes(DEVICE_ID_SIZE),
-    "sequence" / Int32ub,
-    "head" / Bytes(HEAD_SIZE),
-    "time" / Int32ub,
-)
+_U32: Final = struct.Struct(">I")
 
-# The fixed front of a batch, parsed on its own so an oversized count is refused before
-# any record is read.
-_BATCH_HEADER = Struct(
-    "start_sequence" / Int32ub,
-    "start_head" / Bytes(HEAD_SIZE),
-    "count" / Int16ub,
-)
+# The fixed front of a batch, read on its own so an oversized count is refused before
+# any record is read: start_sequence u32, start_head (32), count u16. Then count records
+# and the checkpoint.
+_BATCH_HEADER: Final = struct.Struct(">I32sH")
 _BATCH_HEADER_SIZE: Final = 4 + HEAD_SIZE + 2
-
-_BATCH = Struct(
-    "start_sequence" / Int32ub,
-    "start_head" / Bytes(HEAD_SIZE),
-    "records" / PrefixedArray(Int16ub, _RECORD),
-    "checkpoint" / _CHECKPOINT,
-)
 
 _OVERFLOW_PAYLOAD = Struct(
     "first_lost" / Int32ub,
@@ -172,6 +152,24 @@ class LogRecord:
     link: bytes
 
     def __post_init__(self) -> None:
+        # One expression for what decoders and devices build (exact types, in range), as
+        # every record of every batch passes here; anything else gets the checks below,
+        # which name the field that is wrong.
+        if (
+            type(self.sequence) is int
+            and 0 <= self.sequence <= MAX_SEQUENCE
+            and type(self.time) is int
+            and 0 <= self.time <= _U32_MAX
+            and type(self.event) is EventType
+            and type(self.reason) is Reason
+            and type(self.key_id) is int
+            and 0 <= self.key_id <= _U32_MAX
+            and type(self.payload) is bytes
+            and len(self.payload) == PAYLOAD_SIZE
+            and type(self.link) is bytes
+            and len(self.link) == LINK_SIZE
+        ):
+            return
         _check_uint(self.sequence, "record sequence", MAX_SEQUENCE)
         _check_uint(self.time, "record time")
         _check_type(self.event, EventType, "record event")
@@ -184,49 +182,62 @@ class LogRecord:
 def encode_record(record: LogRecord) -> bytes:
     """The 30 bytes of ``record``: the form that is hashed into the chain."""
     _check_type(record, LogRecord, "record")
-    return build(
-        _RECORD,
-        {
-            "sequence": record.sequence,
-            "time": record.time,
-            "event": int(record.event),
-            "reason": int(record.reason),
-            "key_id": record.key_id,
-            "payload": record.payload,
-            "link": record.link,
-        },
-        "log record",
+    return _pack_record(record)
+
+
+def _pack_record(record: LogRecord) -> bytes:
+    return _RECORD.pack(
+        record.sequence,
+        record.time,
+        record.event,
+        record.reason,
+        record.key_id,
+        record.payload,
+        record.link,
     )
 
 
 def decode_record(data: bytes) -> LogRecord:
     """Parse exactly 30 bytes; unknown event or reason values are a :class:`DecodeError`."""
-    return _record_from_parsed(parse_exact(_RECORD, data, "log record"), "log record")
+    raw = _wire_bytes(data, "log record")
+    if len(raw) != RECORD_SIZE:
+        msg = f"log record: {len(raw)} bytes, expected {RECORD_SIZE}"
+        raise DecodeError(msg)
+    return _record_from_fields(_RECORD.unpack(raw), "log record")
 
 
-def _record_from_parsed(parsed: Any, what: str) -> LogRecord:
-    try:
-        event = EventType(parsed.event)
-    except ValueError as exc:
-        msg = f"{what}: unknown event type 0x{parsed.event:02x}"
-        raise DecodeError(msg) from exc
-    try:
-        reason = Reason(parsed.reason)
-    except ValueError as exc:
-        msg = f"{what}: unknown reason 0x{parsed.reason:02x}"
-        raise DecodeError(msg) from exc
-    if parsed.sequence > MAX_SEQUENCE:
-        msg = f"{what}: sequence 0x{NO_SEQUENCE:08x} is reserved"
+_EVENT_TYPES: Final = {int(event): event for event in EventType}
+_REASONS: Final = {int(reason): reason for reason in Reason}
+
+
+def _record_from_fields(fields: tuple[Any, ...], what: str | int) -> LogRecord:
+    """A record from its unpacked fields; ``what`` names it in errors (an int: the index
+    of a batch record, so that the name is only formatted for an error)."""
+    sequence, time, raw_event, raw_reason, key_id, payload, link = fields
+    event = _EVENT_TYPES.get(raw_event)
+    if event is None:
+        msg = f"{_record_name(what)}: unknown event type 0x{raw_event:02x}"
+        raise DecodeError(msg)
+    reason = _REASONS.get(raw_reason)
+    if reason is None:
+        msg = f"{_record_name(what)}: unknown reason 0x{raw_reason:02x}"
+        raise DecodeError(msg)
+    if sequence > MAX_SEQUENCE:
+        msg = f"{_record_name(what)}: sequence 0x{NO_SEQUENCE:08x} is reserved"
         raise DecodeError(msg)
     return LogRecord(
-        sequence=parsed.sequence,
-        time=parsed.time,
+        sequence=sequence,
+        time=time,
         event=event,
         reason=reason,
-        key_id=parsed.key_id,
-        payload=parsed.payload,
-        link=parsed.link,
+        key_id=key_id,
+        payload=payload,
+        link=link,
     )
+
+
+def _record_name(what: str | int) -> str:
+    return what if isinstance(what, str) else f"log batch record {what}"
 
 
 def encode_overflow_payload(first_lost: int, lost_count: int) -> bytes:
@@ -271,7 +282,7 @@ def chain_next(head: bytes, record_bytes: bytes) -> bytes:
     """Chain head after a record: SHA-256(head || the record's 30 encoded bytes)."""
     _check_bytes(head, HEAD_SIZE, "chain head")
     _check_bytes(record_bytes, RECORD_SIZE, "encoded record")
-    return hashlib.sha256(head + record_bytes).digest()
+    return _sha256(head + record_bytes).digest()
 
 
 def records_head(start_head: bytes, records: Iterable[LogRecord]) -> bytes:
@@ -279,7 +290,8 @@ def records_head(start_head: bytes, records: Iterable[LogRecord]) -> bytes:
     _check_bytes(start_head, HEAD_SIZE, "start head")
     head = start_head
     for record in records:
-        head = chain_next(head, encode_record(record))
+        _check_type(record, LogRecord, "record")
+        head = _sha256(head + _pack_record(record)).digest()
     return head
 
 
@@ -323,11 +335,8 @@ class Checkpoint:
 
 
 def _checkpoint_message(device_id: bytes, sequence: int, head: bytes, time: int) -> bytes:
-    return build(
-        _SIGNED_CHECKPOINT,
-        {"device_id": device_id, "sequence": sequence, "head": head, "time": time},
-        "signed checkpoint",
-    )
+    # Every caller has checked the sizes and ranges (or holds a validated Checkpoint).
+    return b"".join((CHECKPOINT_CONTEXT, device_id, _U32.pack(sequence), head, _U32.pack(time)))
 
 
 def sign_checkpoint(
@@ -354,30 +363,27 @@ def sign_checkpoint(
 def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
     """The 104 bytes of ``checkpoint``."""
     _check_type(checkpoint, Checkpoint, "checkpoint")
-    return build(_CHECKPOINT, _checkpoint_fields(checkpoint), "checkpoint")
+    return _pack_checkpoint(checkpoint)
+
+
+def _pack_checkpoint(checkpoint: Checkpoint) -> bytes:
+    return _CHECKPOINT.pack(
+        checkpoint.sequence, checkpoint.head, checkpoint.time, checkpoint.signature
+    )
 
 
 def decode_checkpoint(data: bytes) -> Checkpoint:
     """Parse exactly 104 bytes. The signature is not checked here (see :func:`verify_batch`)."""
-    return _checkpoint_from_parsed(parse_exact(_CHECKPOINT, data, "checkpoint"))
+    raw = _wire_bytes(data, "checkpoint")
+    if len(raw) != CHECKPOINT_SIZE:
+        msg = f"checkpoint: {len(raw)} bytes, expected {CHECKPOINT_SIZE}"
+        raise DecodeError(msg)
+    return _checkpoint_from_fields(_CHECKPOINT.unpack(raw))
 
 
-def _checkpoint_fields(checkpoint: Checkpoint) -> dict[str, object]:
-    return {
-        "sequence": checkpoint.sequence,
-        "head": checkpoint.head,
-        "time": checkpoint.time,
-        "signature": checkpoint.signature,
-    }
-
-
-def _checkpoint_from_parsed(parsed: Any) -> Checkpoint:
-    return Checkpoint(
-        sequence=parsed.sequence,
-        head=parsed.head,
-        time=parsed.time,
-        signature=parsed.signature,
-    )
+def _checkpoint_from_fields(fields: tuple[Any, ...]) -> Checkpoint:
+    sequence, head, time, signature = fields
+    return Checkpoint(sequence=sequence, head=head, time=time, signature=signature)
 
 
 def _signature_error(
@@ -423,56 +429,43 @@ class LogBatch:
         if len(self.records) > MAX_BATCH_RECORDS:
             msg = f"a batch holds at most {MAX_BATCH_RECORDS} records, got {len(self.records)}"
             raise LocalProtocolError(ErrorCode.MESSAGE_TOO_LARGE, msg)
-        for record in self.records:
-            _check_type(record, LogRecord, "batch record")
+        if not all(type(record) is LogRecord for record in self.records):
+            for record in self.records:
+                _check_type(record, LogRecord, "batch record")
         _check_type(self.checkpoint, Checkpoint, "batch checkpoint")
 
 
 def encode_batch(batch: LogBatch) -> bytes:
     """The wire form of ``batch``."""
     _check_type(batch, LogBatch, "batch")
-    return build(
-        _BATCH,
-        {
-            "start_sequence": batch.start_sequence,
-            "start_head": batch.start_head,
-            "records": [
-                {
-                    "sequence": record.sequence,
-                    "time": record.time,
-                    "event": int(record.event),
-                    "reason": int(record.reason),
-                    "key_id": record.key_id,
-                    "payload": record.payload,
-                    "link": record.link,
-                }
-                for record in batch.records
-            ],
-            "checkpoint": _checkpoint_fields(batch.checkpoint),
-        },
-        "log batch",
-    )
+    header = _BATCH_HEADER.pack(batch.start_sequence, batch.start_head, len(batch.records))
+    records = b"".join(map(_pack_record, batch.records))
+    return header + records + _pack_checkpoint(batch.checkpoint)
 
 
 def decode_batch(data: bytes) -> LogBatch:
     """Parse a batch. A count above 1000 is a :class:`DecodeError` with MESSAGE_TOO_LARGE."""
     raw = _wire_bytes(data, "log batch")
-    # A short input falls through to the full parse, which reports it as malformed.
-    if len(raw) >= _BATCH_HEADER_SIZE:
-        header = parse_exact(_BATCH_HEADER, raw[:_BATCH_HEADER_SIZE], "log batch header")
-        if header.count > MAX_BATCH_RECORDS:
-            msg = f"log batch: {header.count} records, at most {MAX_BATCH_RECORDS} allowed"
-            raise DecodeError(msg, ErrorCode.MESSAGE_TOO_LARGE)
-    parsed = parse_exact(_BATCH, raw, "log batch")
+    if len(raw) < _BATCH_HEADER_SIZE:
+        msg = f"log batch: {len(raw)} bytes, shorter than its {_BATCH_HEADER_SIZE}-byte header"
+        raise DecodeError(msg)
+    start_sequence, start_head, count = _BATCH_HEADER.unpack_from(raw)
+    if count > MAX_BATCH_RECORDS:
+        msg = f"log batch: {count} records, at most {MAX_BATCH_RECORDS} allowed"
+        raise DecodeError(msg, ErrorCode.MESSAGE_TOO_LARGE)
+    end = _BATCH_HEADER_SIZE + count * RECORD_SIZE
+    if len(raw) != end + CHECKPOINT_SIZE:
+        msg = f"log batch: {len(raw)} bytes, {count} records make {end + CHECKPOINT_SIZE}"
+        raise DecodeError(msg)
     records = tuple(
-        _record_from_parsed(item, f"log batch record {index}")
-        for index, item in enumerate(parsed.records)
+        _record_from_fields(fields, index)
+        for index, fields in enumerate(_RECORD.iter_unpack(raw[_BATCH_HEADER_SIZE:end]))
     )
     return LogBatch(
-        start_sequence=parsed.start_sequence,
-        start_head=parsed.start_head,
+        start_sequence=start_sequence,
+        start_head=start_head,
         records=records,
-        checkpoint=_checkpoint_from_parsed(parsed.checkpoint),
+        checkpoint=_checkpoint_from_fields(_CHECKPOINT.unpack_from(raw, end)),
     )
 
 
@@ -651,7 +644,7 @@ def _walk(
             raise _sequence_error(records, index, expected)
         if record.link != head[:LINK_SIZE]:
             raise _link_error(records, index, head, trusted_final)
-        head = hashlib.sha256(head + encode_record(record)).digest()
+        head = _sha256(head + _pack_record(record)).digest()
         expected += 1
     return head
 
