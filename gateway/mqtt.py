@@ -69,6 +69,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from gateway.cancellation import reraise_lost_cancellation
 from gateway.commands import MAX_COMMAND_SIZE, Command, CommandError, CommandVerifier, ErrorCode
 from gateway.store import OutboxMessage, OutboxRow, Store, StoreError
 from gateway.topics import Topics
@@ -593,6 +594,7 @@ class MqttBridge:
         # Online only once commands can be received.
         online = status_payload("online", self.settings.gateway_id, self._clock())
         await self._publish(client, self.topics.status, online, qos=1, retain=True)
+        reraise_lost_cancellation()  # a stop just as the broker acknowledged
         self._client = client
         if self._ever_connected:
             self.counters.reconnects += 1

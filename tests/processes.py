@@ -36,6 +36,8 @@ class SimProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=errors,
+            # A status line of hundreds of devices is longer than the default 64 KiB.
+            limit=16 * 1024 * 1024,
         )
         sim = cls(process, errors)
         sim.ready = await sim.line(START_TIMEOUT)

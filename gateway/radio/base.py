@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Self
 
+from gateway.cancellation import reraise_lost_cancellation
 from protocols.gatt import MAX_ATT_MTU, MAX_ATTRIBUTE_VALUE_SIZE, max_fragment_size
 
 if TYPE_CHECKING:
@@ -285,6 +286,7 @@ class ScanFanout:
         self._queues.add(queue)
         try:
             await update()
+            reraise_lost_cancellation()  # Bumble's HCI commands may swallow a stop
             while True:
                 if deadline is None:
                     item = await queue.get()
