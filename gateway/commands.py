@@ -158,6 +158,7 @@ class ErrorCode:
     OUT_OF_SCOPE: Final = "out_of_scope"
     TIMEOUT: Final = "timeout"
     BUSY: Final = "busy"
+    RESPONSE_TOO_LARGE: Final = "response_too_large"
     INTERNAL: Final = "internal"
 
 

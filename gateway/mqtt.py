@@ -101,6 +101,11 @@ _MAX_TOPIC_BYTES: Final = 65535
 _MESSAGE_ID_PLACEHOLDER: Final = re.compile(rb'"message_id"\s*:\s*null')
 """Where a payload may hold the ``"message_id": null`` that the bridge fills in."""
 
+MAX_RESPONSE_SIZE: Final = 240 * 1024
+"""Largest response payload sent; a larger answer becomes ``response_too_large``. Brokers
+limit packets (the reference deployment to 256 KiB, docs/broker.md), and a response
+above the limit would end the connection, and again after every reconnect."""
+
 PENDING_PUBLISH_MARGIN: Final = 50
 """Publishes in flight beyond ``publish_batch`` before aiomqtt warns about them (the
 retained state, responses and refusals that may overlap a drain)."""
@@ -889,6 +894,12 @@ class MqttBridge:
                 msg = f"handler returned {type(result).__name__}, not a dict"
                 raise TypeError(msg)
             body = response_payload(command.id, gateway, command.op, result=result)
+            if len(body) > MAX_RESPONSE_SIZE:
+                raise CommandError(
+                    ErrorCode.RESPONSE_TOO_LARGE,
+                    f"the answer is {len(body)} bytes, above the {MAX_RESPONSE_SIZE} a response "
+                    "may have: ask for less (a shorter time range, one device)",
+                )
         except CommandError as exc:
             error = exc
         except TimeoutError:

@@ -27,6 +27,7 @@ import pytest
 
 from gateway.commands import Command, CommandError, CommandVerifier
 from gateway.mqtt import (
+    MAX_RESPONSE_SIZE,
     MqttBridge,
     MqttSettings,
     MqttTls,
@@ -870,6 +871,8 @@ async def test_handler_failures_are_typed_responses_and_the_bridge_stays_up(
                 await asyncio.sleep(5)
             case "0000000000000004":
                 return "not a dict"  # type: ignore[return-value]  # a broken handler, on purpose
+            case "0000000000000005":
+                return {"export": "x" * MAX_RESPONSE_SIZE}  # e.g. a pull over a year
         return {"fine": True}
 
     handler = Handler(answer)
@@ -879,11 +882,10 @@ async def test_handler_failures_are_typed_responses_and_the_bridge_stays_up(
         for device in ("0000000000000001", "0000000000000002", "0000000000000003"):
             response = await requester.ask(registry.command("get_state", {"device_id": device}))
             codes.append(response["error"]["code"])
-        response = await requester.ask(
-            registry.command("get_state", {"device_id": "0000000000000004"})
-        )
-        codes.append(response["error"]["code"])
-        assert codes == ["unknown_device", "internal", "timeout", "internal"]
+        for device in ("0000000000000004", "0000000000000005"):
+            response = await requester.ask(registry.command("get_state", {"device_id": device}))
+            codes.append(response["error"]["code"])
+        assert codes == ["unknown_device", "internal", "timeout", "internal", "response_too_large"]
         # The internal error tells nothing of the bug.
         assert "bug" not in json.dumps(requester.bodies(TOPICS.responses))
         ok = await requester.ask(registry.command())
