@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from gateway.device_session import DeviceSession
+from gateway.device_session import DeviceError, DeviceSession, RequestRefused
 from gateway.metrics import Metrics
 from gateway.store import CommitResult, DeviceRecord, OutboxMessage, Store
 from gateway.topics import Topics
@@ -38,9 +39,15 @@ from protocols.logrecords import (
 )
 from protocols.messages import LogAck, LogAcked, LogBatchMessage, LogRead
 
+log = structlog.get_logger(__name__)
+
 MAX_BATCHES_PER_SESSION: Final = 100
 """Bound on one session's collection, so a device that logs faster than it is read cannot
 hold a connection slot for ever; the rest waits for the next visit."""
+
+SHRINK: Final = 4
+"""After a read the link did not carry, the next asks for this many times fewer records:
+from 500, four failed sessions reach a single record."""
 
 ALARM_FOR_CODE: Final = {
     ErrorCode.LOG_GAP: "log_gap",
@@ -78,18 +85,51 @@ class LogPipeline:
     batch_size: int = 500
     metrics: Metrics | None = None
 
+    def __post_init__(self) -> None:
+        self._limits: dict[bytes, int] = {}
+
+    def batch_limit(self, device_id: bytes) -> int:
+        """Records the next read from ``device_id`` asks for: the configured batch size,
+        less after reads that the link did not carry to the end."""
+        return self._limits.get(device_id, self.batch_size)
+
     async def collect(self, session: DeviceSession, device: DeviceRecord) -> CollectResult:
-        """Collect everything the device holds beyond the stored cursor."""
+        """Collect everything the device holds beyond the stored cursor.
+
+        When the first read of a session is not carried to the end (the connection
+        drops, a fragment arrives damaged), the next read from that device asks for
+        :data:`SHRINK` times fewer records, down to one: a batch is many fragments, and a
+        link that fails after a number of frames can still carry a small one. Every batch
+        committed counts, so each session advances the cursor by at least that much. A
+        collection that finishes doubles the limit again, up to the configured batch size.
+        """
         state = ChainState(device.chain_next_sequence, device.chain_head)
         device_key = load_signing_public(device.signing_key)
         batches = new = duplicates = gaps = 0
+        device_hex = format_device_id(device.device_id)
         for _ in range(MAX_BATCHES_PER_SESSION):
-            answer = await session.request(
-                LogRead(from_sequence=state.next_sequence, max_records=self.batch_size),
-                LogBatchMessage,
+            size = self.batch_limit(device.device_id)
+            log.info(
+                "log_read",
+                device_id=device_hex,
+                from_sequence=state.next_sequence,
+                max_records=size,
             )
+            try:
+                answer = await session.request(
+                    LogRead(from_sequence=state.next_sequence, max_records=size), LogBatchMessage
+                )
+            except RequestRefused:
+                raise
+            except DeviceError:
+                if not batches:
+                    # Later reads fail when the link's budget for the session is spent,
+                    # whatever their size: only a first read says the batch was too big.
+                    self._limits[device.device_id] = max(1, size // SHRINK)
+                raise
             batch = await self._decode(device, answer.batch)
             if not batch.records:
+                await self._release_collected(session, state)
                 break
             verified = await self._verify(device, batch, device_key, state)
             gaps += verified.gap is not None
@@ -101,9 +141,30 @@ class LogPipeline:
             new += result.new_events
             duplicates += result.duplicate_events
             state = verified.state
-            if len(batch.records) < self.batch_size:
+            if len(batch.records) < size:
                 break
+        limit = self.batch_limit(device.device_id)
+        if limit * 2 >= self.batch_size:
+            self._limits.pop(device.device_id, None)
+        else:
+            self._limits[device.device_id] = limit * 2
         return CollectResult(batches, new, duplicates, gaps, state)
+
+    async def _release_collected(self, session: DeviceSession, state: ChainState) -> None:
+        """Acknowledge records the device still holds although they are stored here.
+
+        That happens when an earlier session committed a batch but lost the link before
+        its acknowledgement got through. Unacknowledged, the records would fill the
+        device's log and its advert would keep asking for a visit that finds nothing new.
+        """
+        hello = session.device
+        if hello is None:
+            return
+        status = hello.status
+        if status.records_waiting and status.oldest_sequence < state.next_sequence <= (
+            status.next_sequence
+        ):
+            await session.request(LogAck(up_to_sequence=state.next_sequence - 1), LogAcked)
 
     async def _decode(self, device: DeviceRecord, data: bytes) -> LogBatch:
         try:

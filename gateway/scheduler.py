@@ -24,7 +24,13 @@ from typing import Any, Final
 
 import structlog
 
-from gateway.device_session import DeviceError, DeviceSession, DeviceUnavailable, SessionError
+from gateway.device_session import (
+    DeviceError,
+    DeviceSession,
+    DeviceUnavailable,
+    RequestRefused,
+    SessionError,
+)
 from gateway.keys import GatewayCredentials
 from gateway.metrics import Metrics
 from gateway.pipeline import LogCollectionError, LogPipeline, alarm_payload
@@ -95,6 +101,7 @@ class DeviceView:
     backoff_until: float = 0.0
     busy: bool = False
     visited_alarms: AlarmFlags | None = None
+    clock_behind_reported: bool = False
     unreachable: bool = False
     requests: list[_Request] = field(default_factory=list)
 
@@ -322,12 +329,16 @@ class Scheduler:
         device_hex = format_device_id(view.device_id)
         bound = log.bind(device_id=device_hex, address=view.address)
         outcome = "ok"
+        cursor: int | None = None
         try:
             device = await self.worker.run(self.store.get_device, view.device_id)
             if device is None:
                 return
+            cursor = device.chain_next_sequence
             retry_later = await self._session(view, device)
+            bound.info("session_done")
             view.failures, view.backoff_until = 0, 0.0
+            view.clock_behind_reported = False
             view.unreachable = False
             if retry_later:
                 # The device asked for a later try (its clock is being corrected): wait,
@@ -335,11 +346,30 @@ class Scheduler:
                 self._back_off(view)
         except DeviceError as exc:
             outcome = exc.code.name
-            bound.info("session_failed", code=exc.code.name, error=str(exc))
-            self._back_off(view)
+            progressed = await self._collected_since(view.device_id, cursor)
+            bound.info(
+                "session_failed", error_code=exc.code.name, error=str(exc), progressed=progressed
+            )
+            if progressed:
+                # The link failed after records were committed: the device is reachable
+                # and its log is draining, so the next visit need not wait out a backoff.
+                view.failures, view.backoff_until = 0, 0.0
+            else:
+                self._back_off(view)
+            if exc.code is ErrorCode.CERT_NOT_YET_VALID and not view.clock_behind_reported:
+                # The device's clock is behind our certificate's start: no session, so
+                # no time sync, until it is corrected on site (or re-paired).
+                view.clock_behind_reported = True
+                detail = {
+                    "drift_ms": None,
+                    "clock_was_set": True,
+                    "corrected": False,
+                    "error_code": exc.code.name,
+                }
+                await self._enqueue([self._alarm(view.device_id, "clock_drift", detail)])
         except LogCollectionError as exc:
             outcome = exc.error.code.name
-            bound.warning("log_verification_failed", code=exc.error.code.name)
+            bound.warning("log_verification_failed", error_code=exc.error.code.name)
             self._back_off(view)
         except RadioError as exc:
             outcome = "radio"
@@ -351,6 +381,13 @@ class Scheduler:
             view.busy = False
             self._busy -= 1
             self.wake()
+
+    async def _collected_since(self, device_id: bytes, cursor: int | None) -> bool:
+        """Whether the stored chain cursor of ``device_id`` moved past ``cursor``."""
+        if cursor is None:
+            return False
+        current = await self.worker.run(self.store.get_device, device_id)
+        return current is not None and current.chain_next_sequence > cursor
 
     async def _session(self, view: DeviceView, device: DeviceRecord) -> bool:
         """Everything ``device`` needs, in one connection; True if an update must wait."""
@@ -374,13 +411,18 @@ class Scheduler:
             hello = session.device
             assert hello is not None  # set by open()
             status = hello.status
+            log.info(
+                "session_started",
+                device_id=format_device_id(device.device_id),
+                records_waiting=status.records_waiting,
+            )
             await self._sync_clock(session, device, status)
             outcomes = await self.updates.push(session, device)
             await self._run_requests(session, device, view)
             if status.records_waiting or (view.advert and view.advert.records_waiting):
                 await self.pipeline.collect(session, device)
             final = await session.request(StatusRequest(), Status)
-            await self._record_status(device, final.status)
+            await self._record_status(device, final.status, seen=status.alarms)
             view.visited_alarms = final.status.alarms
         await self._refresh_pending()
         self.on_outbox()
@@ -389,11 +431,28 @@ class Scheduler:
     async def _sync_clock(
         self, session: DeviceSession, device: DeviceRecord, status: DeviceStatus
     ) -> None:
+        """Set the device's clock when it drifted beyond the threshold, or report why not.
+
+        A device never winds its clock back below its time floor, the time of its newest
+        record (docs/protocol.md): a clock that ran ahead and logged there cannot be
+        corrected by any gateway. That is reported, and the session goes on, so its log is
+        still collected and its updates pushed."""
         now = self.clock()
         drift = (status.clock - now) if status.clock else None
         if drift is not None and abs(drift) <= self.settings.clock_drift_threshold:
             return
-        result = await session.request(TimeSync(gateway_time_ms=round(now * 1000)), TimeSyncResult)
+        if status.time_floor > now:
+            await self._uncorrected_drift(device, drift, ErrorCode.TIME_BELOW_FLOOR)
+            return
+        try:
+            result = await session.request(
+                TimeSync(gateway_time_ms=round(now * 1000)), TimeSyncResult
+            )
+        except RequestRefused as exc:
+            if exc.code is not ErrorCode.TIME_BELOW_FLOOR:
+                raise
+            await self._uncorrected_drift(device, drift, exc.code)
+            return
         drift_ms = result.device_time_before_ms - round(now * 1000) if status.clock else None
         if self.metrics is not None and drift_ms is not None:
             self.metrics.clock_drift_observed(drift_ms / 1000)
@@ -401,6 +460,28 @@ class Scheduler:
             self.store.update_device_status, device.device_id, clock_drift_ms=drift_ms
         )
         detail = {"drift_ms": drift_ms, "clock_was_set": bool(status.clock), "corrected": True}
+        await self._enqueue([self._alarm(device.device_id, "clock_drift", detail)])
+
+    async def _uncorrected_drift(
+        self, device: DeviceRecord, drift: float | None, code: ErrorCode
+    ) -> None:
+        """Report a drift the gateway cannot correct, once for as long as it stays put."""
+        drift_ms = None if drift is None else round(drift * 1000)
+        if self.metrics is not None and drift is not None:
+            self.metrics.clock_drift_observed(drift)
+        known = device.clock_drift_ms
+        threshold_ms = self.settings.clock_drift_threshold * 1000
+        if known is not None and drift_ms is not None and abs(known - drift_ms) <= threshold_ms:
+            return  # reported at an earlier visit
+        await self.worker.run(
+            self.store.update_device_status, device.device_id, clock_drift_ms=drift_ms
+        )
+        detail = {
+            "drift_ms": drift_ms,
+            "clock_was_set": drift is not None,
+            "corrected": False,
+            "error_code": code.name,
+        }
         await self._enqueue([self._alarm(device.device_id, "clock_drift", detail)])
 
     async def _run_requests(
@@ -419,7 +500,14 @@ class Scheduler:
                 if not request.future.done():
                     request.future.set_result(result)
 
-    async def _record_status(self, device: DeviceRecord, status: DeviceStatus) -> None:
+    async def _record_status(
+        self, device: DeviceRecord, status: DeviceStatus, *, seen: AlarmFlags = AlarmFlags.NONE
+    ) -> None:
+        """Store the device's final status and raise its new alarms.
+
+        ``seen`` are the alarms the device reported when the session began: one the session
+        itself cleared (an overflow, reported once its log record has been read) is raised
+        all the same."""
         now = self.clock()
         await self.worker.run(
             self.store.update_device_status,
@@ -438,7 +526,7 @@ class Scheduler:
         )
         current = await self.worker.run(self.store.get_device, device.device_id)
         messages = [self._state_message(current or device)]
-        new_alarms = AlarmFlags(status.alarms) & ~AlarmFlags(device.alarms)
+        new_alarms = (AlarmFlags(status.alarms) | AlarmFlags(seen)) & ~AlarmFlags(device.alarms)
         messages.extend(
             self._alarm(device.device_id, name, {})
             for flag, name in _ALARM_NAMES.items()

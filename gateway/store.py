@@ -14,8 +14,10 @@ and rolls back completely on any error.
 
 Threading: a :class:`Store` owns one connection, opened with
 ``check_same_thread=False`` so that the daemon may create it on one thread and hand it to
-its dedicated database worker thread. It must be used by one thread at a time; it does no
-locking of its own.
+its dedicated database worker thread. It is meant to be used by one thread at a time; a
+lock serialises its transactions and :meth:`Store.close` all the same, so that closing
+from another thread waits for the transaction under way instead of pulling the connection
+from under it.
 
 Schema changes are numbered migrations (:data:`MIGRATIONS`), applied in order at open,
 each in its own transaction together with the bump of ``PRAGMA user_version``. A
@@ -33,6 +35,7 @@ carrying it has been acknowledged.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -536,6 +539,10 @@ class Store:
     def __init__(self, connection: sqlite3.Connection) -> None:
         """Wrap an open, configured, migrated connection; use :meth:`open` instead."""
         self._conn: sqlite3.Connection | None = connection
+        # Held by every transaction and by close(): closing the connection while another
+        # thread is inside SQLite with it (a worker whose caller was cancelled) would free
+        # what that thread still uses. Reentrant, so a method may call another.
+        self._lock = threading.RLock()
 
     # -------------------------------------------------------------- opening and closing
 
@@ -568,14 +575,16 @@ class Store:
         return cls(conn)
 
     def close(self) -> None:
-        """Close the connection; closing twice is harmless."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except sqlite3.Error as exc:
-                msg = f"closing the store failed: {exc}"
-                raise StoreError(msg) from exc
+        """Close the connection once the transaction under way (if any) has ended; closing
+        twice is harmless."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                try:
+                    conn.close()
+                except sqlite3.Error as exc:
+                    msg = f"closing the store failed: {exc}"
+                    raise StoreError(msg) from exc
 
     def __enter__(self) -> Self:
         """The store itself; it is closed on leaving the block."""
@@ -603,38 +612,40 @@ class Store:
         IMMEDIATE takes the write lock up front, so a transaction never fails halfway
         because another connection got to write first.
         """
-        conn = self._connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            msg = f"{what}: cannot begin a transaction: {exc}"
-            raise StoreError(msg) from exc
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except (sqlite3.Error, OverflowError) as exc:
-            _rollback(conn)
-            msg = f"{what}: {exc}"
-            raise StoreError(msg) from exc
-        except BaseException:
-            _rollback(conn)
-            raise
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                msg = f"{what}: cannot begin a transaction: {exc}"
+                raise StoreError(msg) from exc
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except (sqlite3.Error, OverflowError) as exc:
+                _rollback(conn)
+                msg = f"{what}: {exc}"
+                raise StoreError(msg) from exc
+            except BaseException:
+                _rollback(conn)
+                raise
 
     @contextmanager
     def _read(self, what: str) -> Iterator[sqlite3.Connection]:
         """A read transaction, so that several queries see one snapshot."""
-        conn = self._connection()
-        try:
-            conn.execute("BEGIN")
-            yield conn
-            conn.execute("COMMIT")
-        except (sqlite3.Error, OverflowError) as exc:
-            _rollback(conn)
-            msg = f"{what}: {exc}"
-            raise StoreError(msg) from exc
-        except BaseException:
-            _rollback(conn)
-            raise
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN")
+                yield conn
+                conn.execute("COMMIT")
+            except (sqlite3.Error, OverflowError) as exc:
+                _rollback(conn)
+                msg = f"{what}: {exc}"
+                raise StoreError(msg) from exc
+            except BaseException:
+                _rollback(conn)
+                raise
 
     # ------------------------------------------------------------------------ devices
 
@@ -1266,6 +1277,11 @@ class Store:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+    def kv_delete(self, key: str) -> None:
+        """Remove ``key``; removing a key that is not there is harmless."""
+        with self._write("kv_delete") as conn:
+            conn.execute("DELETE FROM kv WHERE key = ?", (key,))
 
     # ------------------------------------------------------------------------ checks
 

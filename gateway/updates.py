@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Final
 
+import structlog
+
 from gateway.device_session import DeviceSession, RequestRefused
 from gateway.keys import GatewayCredentials
 from gateway.store import (
@@ -36,6 +38,8 @@ from protocols.envelopes import (
 from protocols.errors import ErrorCode
 from protocols.identity import format_device_id
 from protocols.messages import AuthUpdate, UpdateResult
+
+log = structlog.get_logger(__name__)
 
 
 class Priority(IntEnum):
@@ -152,32 +156,70 @@ class UpdateService:
     async def _push_one(
         self, session: DeviceSession, device: DeviceRecord, record: UpdateRecord
     ) -> PushOutcome:
+        log.info(
+            "update_push",
+            device_id=format_device_id(device.device_id),
+            update_id=record.update_id,
+            version=record.version,
+        )
+        sent = _sent_key(record.update_id, device.device_id)
+        # Durably noted before it leaves: if no answer comes back (the link drops, the
+        # device reboots, this process dies), the next visit cannot tell from the
+        # device's refusal alone whether it applied this very update.
+        unanswered = await self.worker.run(self.store.kv_get, sent) is not None
+        await self.worker.run(self.store.kv_set, sent, b"\x01")
         try:
             result = await session.request(AuthUpdate(update=record.signed), UpdateResult)
         except RequestRefused as exc:
-            if exc.code is ErrorCode.UPDATE_ROLLBACK and await self._already_held(device, record):
+            if exc.code is ErrorCode.UPDATE_ROLLBACK and await self._already_held(
+                session, device, record, unanswered=unanswered
+            ):
                 # Another gateway (or an earlier session cut short) already delivered it.
-                return PushOutcome(record.update_id, PropagationState.APPLIED)
-            if exc.code in RETRY_LATER:
-                return PushOutcome(record.update_id, PropagationState.PENDING, exc.code)
-            return PushOutcome(record.update_id, PropagationState.FAILED, exc.code)
-        await self.worker.run(
-            self.store.update_device_status,
-            device.device_id,
-            access_version=result.access_version,
-            revocation_version=result.revocation_version,
-        )
-        return PushOutcome(record.update_id, PropagationState.APPLIED)
+                outcome = PushOutcome(record.update_id, PropagationState.APPLIED)
+            elif exc.code in RETRY_LATER:
+                outcome = PushOutcome(record.update_id, PropagationState.PENDING, exc.code)
+            else:
+                outcome = PushOutcome(record.update_id, PropagationState.FAILED, exc.code)
+        else:
+            await self.worker.run(
+                self.store.update_device_status,
+                device.device_id,
+                access_version=result.access_version,
+                revocation_version=result.revocation_version,
+            )
+            outcome = PushOutcome(record.update_id, PropagationState.APPLIED)
+        await self.worker.run(self.store.kv_delete, sent)  # the device answered
+        return outcome
 
-    async def _already_held(self, device: DeviceRecord, record: UpdateRecord) -> bool:
+    async def _already_held(
+        self,
+        session: DeviceSession,
+        device: DeviceRecord,
+        record: UpdateRecord,
+        *,
+        unanswered: bool,
+    ) -> bool:
+        """Whether the device holds this very version, as the store last heard (another
+        gateway, or an earlier session, delivered it); or, when this update was sent to it
+        before and no answer came back, as the device itself said when this session began
+        (it applied the update, the answer was lost).
+
+        An older version than the device holds is a rollback, whoever asks for it: it
+        failed. So did an update never sent, refused although the device holds its
+        version: another list under the same number (a store restored from a backup)."""
+        revocation = record.kind == UpdateKind.REVOCATION
         current = await self.worker.run(self.store.get_device, device.device_id)
-        if current is None:
+        if current is not None:
+            held = current.revocation_version if revocation else current.access_version
+            if held > record.version:
+                return False
+            if held == record.version:
+                return True
+        hello = session.device
+        if hello is None or not unanswered:
             return False
-        held = (
-            current.revocation_version
-            if record.kind == UpdateKind.REVOCATION
-            else current.access_version
-        )
+        status = hello.status
+        held = status.revocation_version if revocation else status.access_version
         return held >= record.version
 
     async def mark_unreachable(self, device_id: bytes) -> None:
@@ -218,6 +260,11 @@ class UpdateService:
             retain=True,
         )
         await self.worker.run(self.store.enqueue, [message], now=time.time())
+
+
+def _sent_key(update_id: str, device_id: bytes) -> str:
+    """The store's note that ``update_id`` went to the device without an answer yet."""
+    return f"update-sent:{update_id}:{format_device_id(device_id)}"
 
 
 def describe_target(update: AuthorisationUpdate) -> str:

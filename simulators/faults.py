@@ -32,11 +32,13 @@ __all__ = [
     "drain_battery",
     "drift_clock",
     "fill_log",
+    "shift_clock",
 ]
 
 _DEFAULTS: Final[dict[str, Any]] = {
     "drop_after_frames": None,
     "corrupt_probability": 0.0,
+    "corrupt_byte_probability": 0.0,
     "corrupt_next": 0,
     "truncate_next": 0,
     "answer_delay": 0.0,
@@ -64,6 +66,10 @@ class Faults:
       connection, then disconnect instead of handling or sending the next one.
     * ``corrupt_probability``: chance that an outgoing fragment gets one random bit
       flipped; ``corrupt_next``: flip a bit in each of the next N outgoing fragments.
+      The share of corrupted *bytes* this gives is the probability over the fragment
+      length (at most one byte per fragment).
+    * ``corrupt_byte_probability``: chance that each byte of an outgoing fragment gets
+      one random bit flipped, independently of the others: the share of corrupted bytes.
     * ``truncate_next``: cut the last byte off each of the next N outgoing fragments.
     * ``answer_delay``: seconds to wait before each notification.
     * ``refuse_connections``: disconnect every central as soon as it connects.
@@ -73,6 +79,7 @@ class Faults:
 
     drop_after_frames: int | None = None
     corrupt_probability: float = 0.0
+    corrupt_byte_probability: float = 0.0
     corrupt_next: int = 0
     truncate_next: int = 0
     answer_delay: float = 0.0
@@ -112,9 +119,9 @@ class Faults:
                 msg = f"{name} must be an integer" + ("" if name == "seed" else " >= 0")
                 raise ValueError(msg)
             return value
-        if name == "corrupt_probability":
+        if name in ("corrupt_probability", "corrupt_byte_probability"):
             if not _is_number(value) or not 0.0 <= value <= 1.0:
-                msg = "corrupt_probability must be 0..1"
+                msg = f"{name} must be 0..1"
                 raise ValueError(msg)
             return float(value)
         if name == "answer_delay":
@@ -170,6 +177,10 @@ class Faults:
         if corrupt and data:
             bit = self._rng.randrange(len(data) * 8)
             data[bit // 8] ^= 1 << (bit % 8)
+        if self.corrupt_byte_probability > 0.0:
+            for index in range(len(data)):
+                if self._rng.random() < self.corrupt_byte_probability:
+                    data[index] ^= 1 << self._rng.randrange(8)
         return bytes(data)
 
 
@@ -188,6 +199,16 @@ def drift_clock(device: VirtualDevice, ppm: float) -> None:
     clock.drift_ppm = float(ppm)
     if current is not None:
         clock.set(current)  # restarts the drift from the current reading
+
+
+def shift_clock(device: VirtualDevice, seconds: float) -> None:
+    """Set the device's clock ``seconds`` ahead (negative: behind) of what it reads now, as a
+    clock that drifted for months would stand. The change is not logged: the device does
+    not know. An unset clock stays unset."""
+    clock = device.clock
+    current = clock.now()
+    if current is not None:
+        clock.set(max(0.0, current + seconds))
 
 
 def fill_log(device: VirtualDevice, count: int) -> None:
@@ -219,6 +240,13 @@ def _drift(device: VirtualDevice, value: object) -> None:
     drift_clock(device, float(value))
 
 
+def _shift(device: VirtualDevice, value: object) -> None:
+    if not _is_number(value):
+        msg = "shift_clock must be a number of seconds"
+        raise ValueError(msg)
+    shift_clock(device, float(value))
+
+
 def _fill(device: VirtualDevice, value: object) -> None:
     if not _is_int(value):
         msg = "fill_log must be a count"
@@ -235,6 +263,7 @@ def _drain(device: VirtualDevice, value: object) -> None:
 
 DEVICE_FAULTS: Final[Mapping[str, Callable[[VirtualDevice, object], None]]] = {
     "drift_ppm": _drift,
+    "shift_clock": _shift,
     "fill_log": _fill,
     "drain_battery": _drain,
 }

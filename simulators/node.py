@@ -32,6 +32,7 @@ from protocols.errors import ErrorCode
 from protocols.gatt import MAX_ATT_MTU, MIN_ATT_MTU
 from protocols.identity import format_device_id
 from protocols.pairing import LabelPayload
+from protocols.session import SessionState
 from simulators.device import DeviceClock, DeviceConnection, VirtualDevice
 from simulators.faults import Faults
 from simulators.radio import (
@@ -92,6 +93,7 @@ class _Connection:
     worker: asyncio.Task[None] | None = None
     grace: asyncio.TimerHandle | None = None  # drops the link some time after a failure
     dropping: bool = False
+    established: bool = False
 
 
 class SimulatedDevice:
@@ -134,6 +136,9 @@ class SimulatedDevice:
         """Connections accepted since start-up (refused ones do not count)."""
         self.last_failure: ErrorCode | None = None
         """Why the latest failed session failed, as the device saw it."""
+        self.handshake_frames: dict[str, int] = {}
+        """Frames (received plus sent) the latest completed handshake of each session mode
+        (``normal``, ``pairing``) took: what a link must carry before a first request."""
 
     def __repr__(self) -> str:
         return f"SimulatedDevice({format_device_id(self.device_id)}, {self.address})"
@@ -215,6 +220,7 @@ class SimulatedDevice:
             "next_sequence": device.log.next_sequence,
             "connections": self.connections,
             "last_failure": None if self.last_failure is None else self.last_failure.name,
+            "handshake_frames": dict(self.handshake_frames),
             "faults": self._faults.to_json(),
         }
 
@@ -377,6 +383,13 @@ class SimulatedDevice:
             if mtu is not None:
                 current.session.session.mtu = mtu  # follows a renegotiated MTU
             answers = current.session.receive(fragment)
+            if not current.established and current.session.session.state is (
+                SessionState.ESTABLISHED
+            ):
+                current.established = True
+                mode = current.session.session.mode
+                if mode is not None:
+                    self.handshake_frames[mode.name.lower()] = current.frames
             for answer in answers:
                 if faults.drops_after(current.frames):
                     self._disconnect(current)

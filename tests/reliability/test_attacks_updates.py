@@ -435,11 +435,6 @@ async def test_update_attack_matrix(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="UpdateService reports an older version the device refused (UPDATE_ROLLBACK) as "
-    "'applied' when the store's version is above it (gateway/updates.py _already_held)",
-)
 async def test_an_older_version_is_not_reported_applied(gateway: Gateway, fleet: Fleet) -> None:
     [lock] = await started(fleet)
     await gateway.pair(lock)
