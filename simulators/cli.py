@@ -40,8 +40,14 @@ from protocols.errors import DecodeError, ProtocolError
 from protocols.identity import format_device_id, parse_device_id
 from simulators.faults import DEVICE_FAULTS, Faults, apply_device_fault
 from simulators.node import Fleet, SimulatedDevice, kind_name, parse_kind
-from simulators.radio import DEFAULT_ADVERTISING_INTERVAL, RemoteHost, attach_remote_host
+from simulators.radio import (
+    DEFAULT_ADVERTISING_INTERVAL,
+    RemoteHost,
+    ScalableLink,
+    attach_remote_host,
+)
 from simulators.scenario import Scenario, ScenarioRunner, SimClock, Site
+from simulators.timing import TIMINGS
 
 __all__ = ["COMMANDS", "Simulator", "build_parser", "main", "run"]
 
@@ -56,6 +62,7 @@ _FAULT_KNOBS: Final = frozenset(
     {
         "drop_after_frames",
         "corrupt_probability",
+        "corrupt_byte_probability",
         "corrupt_next",
         "truncate_next",
         "answer_delay",
@@ -415,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="residents of the site the scenario lays out when no devices are given",
     )
     parser.add_argument("--advertising-interval", type=float, default=DEFAULT_ADVERTISING_INTERVAL)
+    parser.add_argument(
+        "--timing",
+        choices=sorted(TIMINGS),
+        help="time the virtual radio like a real one (connection events, PHY, MTU); "
+        "the model's advertising interval replaces --advertising-interval",
+    )
     parser.add_argument("--no-stdin", action="store_true", help="ignore stdin; run until SIGTERM")
     parser.add_argument("--log-level", default="WARNING")
     return parser
@@ -541,7 +554,12 @@ def _prepare_scenario(args: argparse.Namespace, fleet: Fleet, clock: SimClock) -
 def _build_fleet(args: argparse.Namespace, clock: SimClock) -> tuple[Fleet, Scenario | None]:
     """The devices: loaded from the state directory, topped up to the counts asked for
     (or laid out by the scenario); ValueError or OSError for a state that does not load."""
-    fleet = Fleet(clock_source=clock, advertising_interval=args.advertising_interval)
+    timing = TIMINGS[args.timing] if args.timing else None
+    fleet = Fleet(
+        ScalableLink(timing) if timing else None,
+        clock_source=clock,
+        advertising_interval=timing.advertising_interval if timing else args.advertising_interval,
+    )
     if args.state_dir is not None:
         fleet.load(args.state_dir)
     wanted = _wanted(args)
