@@ -138,11 +138,20 @@ async def fleet_revocation(
     timing: BleTiming,
     args: argparse.Namespace,
 ) -> tuple[list[Row], list[str], asyncio.Task[None]]:
-    """Figure 2: revoke a key on every device; the scheduler starts with it, and keeps
-    running (the task returned) for figure 3."""
+    """Figure 2: revoke a key on every device, in steady state: the scheduler has heard
+    every device's adverts and made its start-up visits before the revocation is
+    submitted. It keeps running (the task returned) for figure 3."""
+    task = asyncio.create_task(scheduler.run(), name="scheduler")
+    await until(
+        lambda: len(scheduler.views) == args.devices
+        and all(view.last_session and view.advert_interval for view in scheduler.views.values())
+        and scheduler.busy_slots == 0,
+        args.budget,
+        "start-up visits",
+    )
     began, cpu = time.time(), time.process_time()
     devices = await gateway.updates.submit("revoke-all", revocation(1, Target.site(SITE)))
-    task = asyncio.create_task(scheduler.run(), name="scheduler")
+    await scheduler.reload()
     propagation = gateway.reader.propagation("revoke-all")
 
     def confirmed() -> bool:

@@ -7,6 +7,13 @@ a change in its alarms, a routine status visit that is due), gives every free sl
 most urgent device (revocations, then pairing, access updates, audit pulls, log
 collection, status), and does all of a device's pending work in that one connection.
 
+A central sets up one connection at a time, and a device can only be connected to just
+after one of its adverts. So the scheduler starts the next connection only when the last
+one is up, and among equally urgent devices picks the one whose next advert is due
+soonest (each device's advertising interval is learnt from its adverts): the wait for an
+advert is then a fraction of an interval instead of half of one on average, which is
+what bounds a fleet revocation (bench/revocation.py).
+
 Failures back off per device with full jitter; a device not heard for
 ``unreachable_after`` is reported unreachable, and its pending updates with it.
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -58,6 +66,14 @@ from protocols.session import GatewaySessionConfig, SessionMode
 log = structlog.get_logger(__name__)
 
 TICK: Final = 1.0
+CONNECT_LEAD: Final = 0.02
+"""Seconds a connection request needs before the advert it is to catch: an advert due
+sooner than this is taken as missed, and the one after it is waited for."""
+MIN_ADVERTISING_INTERVAL: Final = 0.02
+"""The shortest advertising interval BLE allows (Core spec Vol 6 Part B 4.4.2.2); two
+reports closer than this are one advert heard twice, not an interval."""
+UNKNOWN_ADVERT_WAIT: Final = 0.5
+"""The expected wait for the advert of a device whose interval is not known yet."""
 """Seconds between scheduling rounds when nothing wakes the scheduler sooner."""
 
 Job = Callable[[DeviceSession, DeviceRecord], Awaitable[Any]]
@@ -95,11 +111,15 @@ class DeviceView:
     address: str | None = None
     advert: Advert | None = None
     advert_time: float = 0.0
+    advert_interval: float = 0.0
+    """The device's advertising interval as learnt from its adverts (0: not yet known)."""
     last_heard: float | None = None
     last_session: float = 0.0
     failures: int = 0
     backoff_until: float = 0.0
     busy: bool = False
+    holds_slot: bool = False
+    """A connection slot is taken for this device (busy, and not yet disconnected)."""
     visited_alarms: AlarmFlags | None = None
     clock_behind_reported: bool = False
     unreachable: bool = False
@@ -137,6 +157,7 @@ class Scheduler:
         self.clock = clock
         self.views: dict[bytes, DeviceView] = {}
         self._busy = 0
+        self._connecting: DeviceView | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._sequence = 0
@@ -195,6 +216,12 @@ class Scheduler:
         if view is None:
             return  # waiting to be paired, paired elsewhere, or not registered here
         now = self.clock()
+        gap = now - view.advert_time
+        if view.advert_time and gap >= MIN_ADVERTISING_INTERVAL:
+            # The shortest gap seen is the interval (a missed advert makes a gap of two),
+            # allowed to grow slowly in case the device advertises less often from now on.
+            known = view.advert_interval
+            view.advert_interval = gap if not known else min(gap, known * 1.05)
         view.address, view.advert, view.advert_time, view.last_heard = (
             result.address,
             advert,
@@ -239,12 +266,14 @@ class Scheduler:
                 async with asyncio.timeout(TICK):
                     await self._wake.wait()
             self._wake.clear()
-            while self._busy < self.settings.slots:
+            # One connection is set up at a time (the radio's initiator is one), so the
+            # next device is chosen when the last connection is up, by its next advert.
+            if self._busy < self.settings.slots and self._connecting is None:
                 view = self._next_device(self.clock())
-                if view is None:
-                    break
-                view.busy = True
-                self._start(self._visit(view), f"visit {view.address}")
+                if view is not None:
+                    view.busy = view.holds_slot = True
+                    self._connecting = view
+                    self._start(self._visit(view), f"visit {view.address}")
 
     def _start(self, work: Coroutine[Any, Any, None], name: str) -> None:
         self._busy += 1
@@ -253,7 +282,8 @@ class Scheduler:
         task.add_done_callback(self._running.discard)
 
     def _next_device(self, now: float) -> DeviceView | None:
-        best: tuple[int, float] | None = None
+        """The most urgent device; among equals, the one whose next advert comes first."""
+        best: tuple[int, float, float] | None = None
         chosen = None
         for view in self.views.values():
             if view.busy or view.address is None or view.backoff_until > now:
@@ -261,10 +291,25 @@ class Scheduler:
             need = self._need(view, now)
             if need is None:
                 continue
-            key = (need, view.last_session)
+            key = (need, self._advert_wait(view, now), view.last_session)
             if best is None or key < best:
                 best, chosen = key, view
         return chosen
+
+    @staticmethod
+    def _advert_wait(view: DeviceView, now: float) -> float:
+        """Seconds until the device's next advert a connection request can still catch."""
+        interval = view.advert_interval
+        if not interval:
+            return UNKNOWN_ADVERT_WAIT
+        since = now + CONNECT_LEAD - view.advert_time
+        return (math.ceil(since / interval) * interval) - (now - view.advert_time)
+
+    def _connected(self, view: DeviceView) -> None:
+        """The connection to ``view`` is up (or failed): the next may be set up."""
+        if self._connecting is view:
+            self._connecting = None
+            self.wake()
 
     def _need(self, view: DeviceView, now: float) -> int | None:
         """The most urgent reason to visit ``view`` now, or None to let it sleep."""
@@ -292,11 +337,16 @@ class Scheduler:
             return advert.revocation_version
         return advert.access_version
 
-    async def _refresh_pending(self) -> None:
-        pending: dict[bytes, dict[int, int]] = {}
-        for device_id in list(self.views):
-            for record in await self.updates.pending_for(device_id):
-                versions = pending.setdefault(device_id, {})
+    async def _refresh_pending(self, device_id: bytes | None = None) -> None:
+        """Re-read the versions each device must be brought to: of every device, or only
+        of ``device_id`` (after its visit, which changed no other device's)."""
+        pending: dict[bytes, dict[int, int]] = (
+            {} if device_id is None else dict(self._pending_versions)
+        )
+        for one in list(self.views) if device_id is None else [device_id]:
+            pending.pop(one, None)
+            for record in await self.updates.pending_for(one):
+                versions = pending.setdefault(one, {})
                 versions[record.priority] = max(versions.get(record.priority, 0), record.version)
         self._pending_versions = pending
 
@@ -379,6 +429,14 @@ class Scheduler:
             self._count(outcome)
             view.last_session = self.clock()
             view.busy = False
+            self._free_slot(view)
+            self._connected(view)  # if the visit ended before it connected
+            self.wake()
+
+    def _free_slot(self, view: DeviceView) -> None:
+        """The visit to ``view`` holds no connection any more: its slot is free (once)."""
+        if view.holds_slot:
+            view.holds_slot = False
             self._busy -= 1
             self.wake()
 
@@ -392,9 +450,15 @@ class Scheduler:
     async def _session(self, view: DeviceView, device: DeviceRecord) -> bool:
         """Everything ``device`` needs, in one connection; True if an update must wait."""
         assert view.address is not None  # only devices with an address are dispatched
-        link = await self.radio.connect(
-            view.address, mtu=self.settings.mtu, timeout=self.settings.connect_timeout
-        )
+        try:
+            link = await self.radio.connect(
+                view.address,
+                mtu=self.settings.mtu,
+                timeout=self.settings.connect_timeout,
+                on_established=lambda: self._connected(view),
+            )
+        finally:
+            self._connected(view)
         config = GatewaySessionConfig(
             noise_key=self.credentials.keys.noise_key,
             device_id=device.device_id,
@@ -422,9 +486,12 @@ class Scheduler:
             if status.records_waiting or (view.advert and view.advert.records_waiting):
                 await self.pipeline.collect(session, device)
             final = await session.request(StatusRequest(), Status)
-            await self._record_status(device, final.status, seen=status.alarms)
-            view.visited_alarms = final.status.alarms
-        await self._refresh_pending()
+        # Disconnected (the device's radio sleeps again): the slot serves the next device
+        # while this visit's books close.
+        self._free_slot(view)
+        await self._record_status(device, final.status, seen=status.alarms)
+        view.visited_alarms = final.status.alarms
+        await self._refresh_pending(device.device_id)
         self.on_outbox()
         return any(outcome.state is PropagationState.PENDING for outcome in outcomes)
 

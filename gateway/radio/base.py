@@ -218,9 +218,13 @@ class Radio(ABC):
         # The radio's own timeout (as in bleak): on expiry a backend must cancel the pending
         # connection at the controller, which an outer asyncio.timeout cannot do.
         timeout: float = DEFAULT_CONNECT_TIMEOUT,  # noqa: ASYNC109 - the radio cancels at the controller
+        on_established: Callable[[], None] | None = None,
     ) -> Link:
         """Connect, exchange the ATT MTU (up to ``mtu``), discover the lockgw service, subscribe
         to its notifications, and only then return the link.
+
+        ``on_established`` is called as soon as the link-layer connection is up, before the
+        GATT set-up: the radio's initiator is free from then on for the next connection.
 
         Raises RadioConnectError or RadioTimeoutError.
         """

@@ -611,6 +611,7 @@ class BleakRadio(Radio):
         # The radio API's own timeout (as in bleak): on expiry bleak cancels the pending
         # connection at BlueZ, which an outer asyncio.timeout cannot do.
         timeout: float = DEFAULT_CONNECT_TIMEOUT,  # noqa: ASYNC109 - the radio cancels at the controller
+        on_established: Callable[[], None] | None = None,
     ) -> BleakLink:
         """Connect to ``address`` (as a :class:`ScanResult` spells it).
 
@@ -635,11 +636,18 @@ class BleakRadio(Radio):
         deadline = asyncio.get_running_loop().time() + timeout
         self._pending.add(key)
         try:
-            return await self._connect(address, key, mtu, deadline)
+            return await self._connect(address, key, mtu, deadline, on_established)
         finally:
             self._pending.discard(key)
 
-    async def _connect(self, address: str, key: str, mtu: int, deadline: float) -> BleakLink:
+    async def _connect(
+        self,
+        address: str,
+        key: str,
+        mtu: int,
+        deadline: float,
+        on_established: Callable[[], None] | None,
+    ) -> BleakLink:
         loop = asyncio.get_running_loop()
         link: BleakLink | None = None
         try:
@@ -660,6 +668,9 @@ class BleakRadio(Radio):
                         msg = f"no time left to connect to {address}"
                         raise RadioTimeoutError(msg)
                     await link.open_client(timeout=remaining)
+                if on_established is not None:
+                    # bleak's connect includes service discovery: the earliest point seen.
+                    on_established()
                 self._links.add(link)
                 await link.set_up(mtu)
         except asyncio.CancelledError:

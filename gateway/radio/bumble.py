@@ -473,6 +473,7 @@ class BumbleRadio(Radio):
         # The radio API's own timeout (as in bleak): on expiry the pending connection must be
         # cancelled at the controller, which an outer asyncio.timeout cannot do.
         timeout: float = DEFAULT_CONNECT_TIMEOUT,  # noqa: ASYNC109 - the radio cancels at the controller
+        on_established: Callable[[], None] | None = None,
     ) -> BumbleLink:
         if not MIN_ATT_MTU <= mtu <= MAX_ATT_MTU:
             msg = f"MTU {mtu} outside {MIN_ATT_MTU}..{MAX_ATT_MTU}"
@@ -500,6 +501,8 @@ class BumbleRadio(Radio):
             # a faulty controller never does.
             async with asyncio.timeout_at(deadline + CONNECT_CANCEL_GRACE):
                 connection = await self._create_connection(device, peer_address, deadline)
+                if on_established is not None:
+                    on_established()
                 link = BumbleLink(connection, on_down=self._links.discard)
                 self._links.add(link)
                 if device.connections.get(connection.handle) is not connection:
