@@ -143,9 +143,11 @@ async def fleet_revocation(
     submitted. It keeps running (the task returned) for figure 3."""
     task = asyncio.create_task(scheduler.run(), name="scheduler")
     await until(
-        lambda: len(scheduler.views) == args.devices
-        and all(view.last_session and view.advert_interval for view in scheduler.views.values())
-        and scheduler.busy_slots == 0,
+        lambda: (
+            len(scheduler.views) == args.devices
+            and all(view.last_session and view.advert_interval for view in scheduler.views.values())
+            and scheduler.busy_slots == 0
+        ),
         args.budget,
         "start-up visits",
     )
