@@ -42,7 +42,8 @@ from typing import Any, Self
 
 import aiomqtt
 
-from simulators.broker import free_port
+from bench._common import load_average, percentile
+from bench.footprint import check_exit, daemon_defaults, proc_cpu, proc_status
 from simulators.registry import ReferenceRegistry
 from tests.broker import Mosquitto
 from tests.installation import (
@@ -59,54 +60,6 @@ KEY = 4711
 """The staff key that is lost and revoked."""
 BAR_GATEWAYS = 20
 MIB = 1024 * 1024
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-# The helpers below are bench.footprint's too; each bench is a module of its own (bench/
-# is no package), so they are repeated rather than imported.
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """The ``Vm*`` and ``Rss*`` lines of /proc/PID/status, in bytes."""
-    values: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines():
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if name.startswith(("Vm", "Rss")) and len(parts) == 2 and parts[1] == "kB":
-            values[name] = int(parts[0]) * 1024
-    return values
-
-
-def proc_cpu(pid: int) -> float:
-    """User plus system CPU seconds of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
-def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text(encoding="utf-8").split()[:3])
-
-
-def daemon_defaults(installation: Installation, *, slots: int) -> None:
-    """The daemon's defaults where the test installation differs: slots, MTU, metrics."""
-    text = installation.config.read_text(encoding="utf-8")
-    for old, new in {
-        "slots = 2\n": f"slots = {slots}\n",
-        "mtu = 247\n": "mtu = 517\n",
-        "[metrics]\nenabled = false\n": (
-            f'[metrics]\nenabled = true\nlisten = "127.0.0.1:{free_port()}"\n'
-        ),
-    }.items():
-        assert old in text, f"{old!r} not in {installation.config}"
-        text = text.replace(old, new)
-    installation.config.write_text(text, encoding="utf-8")
-
-
-def check_exit(installation: Installation, code: int) -> None:
-    """A daemon that did not exit 0 on SIGTERM fails the bench, with the end of its log."""
-    if code != 0:
-        log = (installation.root / "daemon.log").read_text(encoding="utf-8")
-        msg = f"lockgw run exited with {code}; the end of its log:\n{log[-3000:]}"
-        raise RuntimeError(msg)
 
 
 class SysBroker(Mosquitto):
@@ -392,11 +345,6 @@ async def stop(site: Site) -> None:
             check_exit(site.installation, await stop_daemon(site.daemon))
     finally:
         await site.sim.finish()
-
-
-def percentile(values: Sequence[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
 def rows(f: dict[str, Any]) -> list[tuple[str, str]]:

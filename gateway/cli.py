@@ -434,7 +434,7 @@ def _table(rows: Sequence[Mapping[str, object]]) -> str:
     if not rows:
         return "no devices"
     headers = list(rows[0])
-    cells = [[_cell(row[header]) for header in headers] for row in rows]
+    cells = [[cell(row[header]) for header in headers] for row in rows]
     widths = [
         max(len(header), *(len(line[i]) for line in cells)) for i, header in enumerate(headers)
     ]
@@ -443,7 +443,8 @@ def _table(rows: Sequence[Mapping[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def _cell(value: object) -> str:
+def cell(value: object) -> str:
+    """A table cell: ``-`` for nothing, local date and time for a timestamp."""
     if value is None:
         return "-"
     if isinstance(value, float):

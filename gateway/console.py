@@ -19,6 +19,8 @@ from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
+from gateway.cli import cell
+
 
 def _console(stream: IO[str]) -> Console:
     return Console(file=stream, highlight=False, soft_wrap=True)
@@ -64,14 +66,6 @@ def table(rows: Sequence[Mapping[str, object]], *, title: str | None = None) -> 
     for row in rows:
         result.add_row(*(cell(value) for value in row.values()))
     return result
-
-
-def cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(value))
-    return str(value)
 
 
 class LiveTable:

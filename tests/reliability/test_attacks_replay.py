@@ -13,30 +13,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Final
 
 import pytest
-from bumble.transport.common import AsyncPipeSink
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.device_session import DeviceSession
-from gateway.metrics import Metrics
-from gateway.pipeline import LogPipeline
 from gateway.radio.base import Link
-from gateway.radio.bumble import BumbleRadio
-from gateway.store import Store
-from gateway.topics import Topics
-from gateway.updates import UpdateService
-from gateway.worker import BlockingWorker
 from protocols.enums import DeviceKind
 from protocols.errors import ErrorCode
 from protocols.messages import AuthUpdate, Message, Status, StatusRequest, UpdateResult
 from protocols.session import GatewaySessionConfig, SessionMode
 from simulators.node import Fleet, SimulatedDevice
-from simulators.radio import ScalableLink, VirtualController
-from tests.gateway.test_core import Gateway, credentials_for, started
+from tests.gateway import test_core
+from tests.gateway.test_core import Gateway, started
 from tests.reliability.conftest import Figures
 from tests.reliability.test_attacks_updates import access_update, signed
 
@@ -88,41 +78,10 @@ class RecordingLink(Link):
         return grouped
 
 
-@pytest.fixture
-async def fleet() -> AsyncIterator[Fleet]:
-    fleet = Fleet(ScalableLink(), advertising_interval=0.02)
-    yield fleet
-    await fleet.stop()
-
-
-@pytest.fixture
-async def gateway(fleet: Fleet, tmp_path: Path) -> AsyncIterator[Gateway]:
-    controller = VirtualController("gateway", link=fleet.link)
-    radio = BumbleRadio.from_hci(controller, AsyncPipeSink(controller))
-    authority = Ed25519PrivateKey.generate()
-    credentials = credentials_for(authority)
-    topics = Topics("lockgw", "gw-test")
-    metrics = Metrics(version="test")
-    async with radio, BlockingWorker("store") as worker:
-        store = Store.open(tmp_path / "lockgw.sqlite3")
-        reader = Store.open(tmp_path / "lockgw.sqlite3")
-        try:
-            yield Gateway(
-                radio=radio,
-                store=store,
-                reader=reader,
-                worker=worker,
-                credentials=credentials,
-                authority=authority,
-                topics=topics,
-                pipeline=LogPipeline(store, worker, topics, batch_size=50, metrics=metrics),
-                updates=UpdateService(store, worker, credentials, topics),
-                metrics=metrics,
-            )
-        finally:
-            reader.close()
-            store.close()
-    fleet.link.remove_controller(controller)
+# The gateway's own radio, store and services over the virtual radio, as the core tests
+# use them (tests/gateway/test_core.py).
+fleet = test_core.fleet
+gateway = test_core.gateway
 
 
 async def open_session(gateway: Gateway, lock: SimulatedDevice) -> DeviceSession:

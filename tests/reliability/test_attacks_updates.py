@@ -18,24 +18,16 @@ import base64
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
-from bumble.transport.common import AsyncPipeSink
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.commands import CommandError, CommandVerifier, sign_command
 from gateway.device_session import RequestRefused
 from gateway.handlers import CommandHandler
-from gateway.metrics import Metrics
-from gateway.pipeline import LogPipeline
-from gateway.radio.bumble import BumbleRadio
-from gateway.store import PropagationState, Store
-from gateway.topics import Topics
-from gateway.updates import UpdateService
-from gateway.worker import BlockingWorker
+from gateway.store import PropagationState
 from protocols.enums import DeviceKind
 from protocols.envelopes import (
     AccessEntry,
@@ -54,9 +46,9 @@ from protocols.envelopes import (
 from protocols.errors import ErrorCode
 from protocols.messages import AuthUpdate, UpdateResult
 from simulators.node import Fleet, SimulatedDevice
-from simulators.radio import ScalableLink, VirtualController
 from tests.conftest import Registry, make_certificate
-from tests.gateway.test_core import SITE, Gateway, credentials_for, started
+from tests.gateway import test_core
+from tests.gateway.test_core import SITE, Gateway, started
 from tests.reliability.conftest import Figures
 
 GATEWAY_ID: Final = "gw-test"
@@ -65,42 +57,10 @@ HELD: Final = 3
 """The access version the lock holds when the attacks start."""
 
 
-@pytest.fixture
-async def fleet() -> AsyncIterator[Fleet]:
-    fleet = Fleet(ScalableLink(), advertising_interval=0.02)
-    yield fleet
-    await fleet.stop()
-
-
-@pytest.fixture
-async def gateway(fleet: Fleet, tmp_path: Path) -> AsyncIterator[Gateway]:
-    """The gateway's own stack with a real store, as in tests/gateway/test_core.py."""
-    controller = VirtualController("gateway", link=fleet.link)
-    radio = BumbleRadio.from_hci(controller, AsyncPipeSink(controller))
-    authority = Ed25519PrivateKey.generate()
-    credentials = credentials_for(authority)
-    topics = Topics("lockgw", GATEWAY_ID)
-    metrics = Metrics(version="test")
-    async with radio, BlockingWorker("store") as worker:
-        store = Store.open(tmp_path / "lockgw.sqlite3")
-        reader = Store.open(tmp_path / "lockgw.sqlite3")
-        try:
-            yield Gateway(
-                radio=radio,
-                store=store,
-                reader=reader,
-                worker=worker,
-                credentials=credentials,
-                authority=authority,
-                topics=topics,
-                pipeline=LogPipeline(store, worker, topics, batch_size=50, metrics=metrics),
-                updates=UpdateService(store, worker, credentials, topics),
-                metrics=metrics,
-            )
-        finally:
-            reader.close()
-            store.close()
-    fleet.link.remove_controller(controller)
+# The gateway's own radio, store and services over the virtual radio, as the core tests
+# use them (tests/gateway/test_core.py).
+fleet = test_core.fleet
+gateway = test_core.gateway
 
 
 def access_update(device_id: bytes, version: int, key_id: int = 4711) -> AuthorisationUpdate:
