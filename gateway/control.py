@@ -38,7 +38,14 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import structlog
 
 from gateway import audit
-from gateway.handlers import NOT_FOUND, CommandHandler, Progress, RequestError
+from gateway.handlers import (
+    LOG_VERIFICATION_FAILED,
+    NOT_FOUND,
+    CommandHandler,
+    Progress,
+    RequestError,
+)
+from gateway.pipeline import LogCollectionError
 from protocols.errors import ProtocolError
 from protocols.identity import format_device_id, parse_device_id
 
@@ -54,6 +61,7 @@ READ_TIMEOUT: Final = 10.0
 SOCKET_MODE: Final = 0o660
 BAD_REQUEST: Final = "bad_request"
 UNAVAILABLE: Final = "unavailable"
+INTERNAL: Final = "internal"
 DECOMMISSION_TIMEOUT: Final = 60.0
 """Default seconds a technician's decommission waits for the registry's answer."""
 
@@ -175,6 +183,9 @@ class ControlServer:
             send({"ok": False, "error": _error(exc.code, exc.message, exc.details)})
         except RequestError as exc:
             send({"ok": False, "error": _error(exc.code, exc.message, exc.details)})
+        except Exception:  # a bug must not leave the client without an answer
+            log.exception("control_request_failed")
+            send({"ok": False, "error": _error(INTERNAL, "internal error (logged)", {})})
         else:
             send({"ok": True, "result": result})
         with contextlib.suppress(OSError, ConnectionError):
@@ -346,6 +357,10 @@ def operations(handler: CommandHandler) -> dict[str, Operation]:
             )
         except audit.AuditError as exc:
             raise ControlError(BAD_REQUEST, str(exc)) from exc
+        except LogCollectionError as exc:
+            # The device's newest records did not verify: nothing of them was stored.
+            msg = f"the records on the device failed verification: {exc.error.code.name}"
+            raise ControlError(LOG_VERIFICATION_FAILED, msg) from exc
         return {
             "device_id": format_device_id(device_id),
             "collected_from_device": collected,

@@ -55,6 +55,7 @@ DEVICE_ERROR: Final = "device_error"
 LOG_VERIFICATION_FAILED: Final = "log_verification_failed"
 NO_REQUEST: Final = "no_request"
 DECLINED: Final = "declined"
+INTERRUPTED: Final = "interrupted"
 REGISTRY_TIMEOUT: Final = "registry_timeout"
 PULL_COLLECT_TIMEOUT: Final = 30.0
 """Seconds an audit pull waits for the device's newest records before answering."""
@@ -66,6 +67,23 @@ Progress = Callable[[str], None]
 
 def _quiet(_step: str) -> None:
     pass
+
+
+def _request_error(exc: BaseException) -> RequestError:
+    """What the waiting technician is told when the decommission failed with ``exc``."""
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, CommandError):
+        return RequestError(exc.code, exc.message)
+    if isinstance(exc, DeviceError):
+        return RequestError(DEVICE_ERROR, f"{exc.code.name}: {exc}")
+    if isinstance(exc, LogCollectionError):
+        return RequestError(LOG_VERIFICATION_FAILED, exc.error.code.name)
+    return RequestError(
+        INTERRUPTED,
+        "the decommission was interrupted (the daemon stopping, or the command timing out); "
+        "`lockgw devices` shows whether the device is still paired",
+    )
 
 
 class RequestError(Exception):
@@ -296,7 +314,7 @@ class CommandHandler:
             await self.scheduler.reload()
         except BaseException as exc:
             if waiting is not None and not waiting.answer.done():
-                waiting.answer.set_exception(exc)
+                waiting.answer.set_exception(_request_error(exc))
             raise
         self.scheduler.on_outbox()
         result = {"device_id": format_device_id(device.device_id), "decommissioned": True}

@@ -144,3 +144,19 @@ async def test_a_client_hanging_up_abandons_its_request(tmp_path: Path) -> None:
         await writer.wait_closed()
         async with asyncio.timeout(10):
             await cancelled.wait()
+
+
+async def test_a_failing_operation_still_answers(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+
+    async def broken(
+        _args: Mapping[str, Any], _caller: Caller, _progress: Progress
+    ) -> dict[str, Any]:
+        message = "a bug"
+        raise RuntimeError(message)
+
+    async with ControlServer(path, {"broken": broken}):
+        with pytest.raises(ControlError) as caught:
+            await control.call(path, "broken", {}, progress=lambda _s: None)
+    assert caught.value.code == control.INTERNAL
+    assert "bug" not in caught.value.message
