@@ -202,7 +202,7 @@ class ControlServer:
         started finishes in the scheduler, a pull's collection commits whole batches.
         """
         task = asyncio.ensure_future(work)
-        hang_up = asyncio.ensure_future(reader.read(1))  # a client sends nothing more
+        hang_up = asyncio.ensure_future(_end_of(reader))
         try:
             await asyncio.wait([task, hang_up], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -238,6 +238,12 @@ class ControlServer:
             msg = 'a request is {"op": NAME, "args": {...}}'
             raise ControlError(BAD_REQUEST, msg)
         return request["op"], request.get("args", {})
+
+
+async def _end_of(reader: asyncio.StreamReader) -> None:
+    """Return when the client hangs up (whatever more it sends after its request)."""
+    while await reader.read(4096):
+        pass
 
 
 class _Abandoned(Exception):
