@@ -2,7 +2,7 @@
 
 * ``mosquitto`` / ``mosquitto_tls``: a real Mosquitto on a free port of 127.0.0.1
   (:mod:`tests.broker`), stopped after the test. The TLS one requires a client
-  certificate of the test CA (``tls_files``).
+  certificate of the test CA (``tls_files``). ``broker``: the same with persistence.
 * ``registry``: an authority and a registry key with its certificate, and helpers that
   sign commands the way the reference registry does (:func:`gateway.commands.sign_command`).
 * ``schemas``: the JSON Schemas of docs/schemas, to check every payload a test observes.
@@ -46,6 +46,18 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A plain-TCP Mosquitto with persistence: a restart keeps sessions and queued
+    messages, as a deployed broker does (the end-to-end tests stop and start it)."""
+    mosquitto = Mosquitto(tmp_path / "broker", persistence=True)
+    mosquitto.start()
+    try:
+        yield mosquitto
+    finally:
+        mosquitto.stop()
 
 
 @pytest.fixture

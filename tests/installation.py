@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, overload
 
 from gateway import cli
 from gateway.keys import load_credentials, load_signing_key
@@ -25,6 +27,8 @@ from simulators.registry import ReferenceRegistry
 from tests.broker import Mosquitto
 from tests.conftest import Registry, Schemas
 from tests.processes import REPO_ROOT, SimProcess
+
+AnyRegistry = TypeVar("AnyRegistry", bound=ReferenceRegistry)
 
 GATEWAY_ID = "gw-north-1"
 SITE = 42
@@ -158,19 +162,49 @@ def installation_authority(installation: Installation) -> Path:
     raise AssertionError(msg)
 
 
+@overload
 def make_registry(
-    installation: Installation, broker: Mosquitto, schemas: Schemas
+    installation: Installation,
+    broker: Mosquitto,
+    schemas: Schemas | None = None,
+    *,
+    client_id: str = "registry-test",
+) -> ReferenceRegistry: ...
+
+
+@overload
+def make_registry(
+    installation: Installation,
+    broker: Mosquitto,
+    schemas: Schemas | None = None,
+    *,
+    client_id: str = "registry-test",
+    factory: Callable[..., AnyRegistry],
+    **options: Any,
+) -> AnyRegistry: ...
+
+
+def make_registry(
+    installation: Installation,
+    broker: Mosquitto,
+    schemas: Schemas | None = None,
+    *,
+    client_id: str = "registry-test",
+    factory: Callable[..., ReferenceRegistry] = ReferenceRegistry,
+    **options: Any,
 ) -> ReferenceRegistry:
-    """The reference registry with the installation's keys, checking every payload."""
+    """The reference registry (or a subclass: ``factory`` with its ``options``) with the
+    installation's keys; checking every payload against the schemas when given them."""
     keys = installation.registry
-    return ReferenceRegistry(
+    return factory(
         host=broker.host,
         port=broker.port,
         key=keys.key,
         certificate=keys.certificate,
         authority=keys.authority.public_key(),
-        client_id="registry-test",
+        client_id=client_id,
         validator=schemas,
+        **options,
     )
 
 

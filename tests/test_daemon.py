@@ -17,7 +17,6 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
@@ -45,14 +44,6 @@ from tests.installation import (
     stop_daemon,
 )
 from tests.processes import REPO_ROOT, SimProcess
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto(tmp_path / "broker", persistence=True)
-    mosquitto.start()
-    yield mosquitto
-    mosquitto.stop()
 
 
 async def test_daemon_collects_revokes_and_survives_a_broker_outage(

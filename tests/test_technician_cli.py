@@ -20,10 +20,8 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-
-import pytest
 
 from protocols.pairing import LabelPayload
 from simulators.registry import ReferenceRegistry
@@ -44,14 +42,6 @@ from tests.installation import (
 from tests.processes import REPO_ROOT, SimProcess
 
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto(tmp_path / "broker", persistence=True)
-    mosquitto.start()
-    yield mosquitto
-    mosquitto.stop()
 
 
 @contextlib.asynccontextmanager

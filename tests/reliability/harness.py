@@ -34,6 +34,7 @@ from tests.installation import (
     WAIT,
     Installation,
     install,
+    make_registry,
     online,
     pair_all,
     start_daemon,
@@ -330,16 +331,7 @@ async def rig(
         configure(installation, "scheduler", **(scheduler or {}))
         configure(installation, "log", **(log or {}))
         await pair_all(installation, sim)
-        keys = installation.registry
-        registry = CountingRegistry(
-            host=broker.host,
-            port=broker.port,
-            key=keys.key,
-            certificate=keys.certificate,
-            authority=keys.authority.public_key(),
-            client_id="registry-test",
-            validator=schemas,
-        )
+        registry = make_registry(installation, broker, schemas, factory=CountingRegistry)
         listener = asyncio.create_task(registry.run())
         running = Rig(
             root=root,

@@ -51,7 +51,7 @@ from tests.broker import (
     make_tls_files,
 )
 from tests.conftest import ROOT, Schemas
-from tests.installation import install, pair_all, start_daemon, stop_daemon
+from tests.installation import install, make_registry, pair_all, start_daemon, stop_daemon
 from tests.processes import SimProcess
 from tests.reliability.conftest import Figures
 
@@ -572,16 +572,13 @@ async def test_the_daemon_works_through_the_reference_broker(
         use_tls(installation.config, pki.clients[NORTH], pki.files.ca_cert)
         await pair_all(installation, sim)
         (device,) = [device["device_id"] for device in sim.ready["devices"]]
-        keys = installation.registry
-        registry = TlsRegistry(
-            tls_context=pki.context(REGISTRY),
-            host=broker.host,
-            port=broker.port,
-            key=keys.key,
-            certificate=keys.certificate,
-            authority=keys.authority.public_key(),
+        registry = make_registry(
+            installation,
+            broker,
+            schemas,
             client_id="lockgw-registry",
-            validator=schemas,
+            factory=TlsRegistry,
+            tls_context=pki.context(REGISTRY),
         )
         listener = asyncio.create_task(registry.run())
         daemon = await start_daemon(installation.config, log)

@@ -16,9 +16,8 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -81,14 +80,6 @@ class Lock:
 
 def events_topic(gateway: str, lock: Lock) -> str:
     return f"lockgw/gw/{gateway}/devices/{lock.hex}/events"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto(tmp_path / "broker", persistence=True)
-    mosquitto.start()
-    yield mosquitto
-    mosquitto.stop()
 
 
 def make_reference(
