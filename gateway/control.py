@@ -66,14 +66,11 @@ DECOMMISSION_TIMEOUT: Final = 60.0
 """Default seconds a technician's decommission waits for the registry's answer."""
 
 
-class ControlError(Exception):
-    """A request the daemon refused or could not carry out; ``code`` is machine-readable."""
+class ControlError(RequestError):
+    """A request the daemon refused or could not carry out; ``code`` is machine-readable.
 
-    def __init__(self, code: str, message: str, details: Mapping[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = dict(details or {})
+    The handler's own refusals (:class:`~gateway.handlers.RequestError`) reach the client
+    the same way."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,9 +176,7 @@ class ControlServer:
         except _Abandoned:
             log.info("control_request_abandoned", op=op, user=caller.user, pid=caller.pid)
             return
-        except ControlError as exc:
-            send({"ok": False, "error": _error(exc.code, exc.message, exc.details)})
-        except RequestError as exc:
+        except RequestError as exc:  # ControlError too
             send({"ok": False, "error": _error(exc.code, exc.message, exc.details)})
         except Exception:  # a bug must not leave the client without an answer
             log.exception("control_request_failed")
