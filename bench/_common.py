@@ -9,6 +9,7 @@ does) and stored as the pairing flow stores them, so set-up costs no radio time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -19,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import structlog
 from bumble import hci
@@ -255,3 +256,26 @@ def report(
             **(extra or {}),
         }
         json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+class Listener:
+    """Runs :meth:`_run` in the background while entered (a subscriber, say); ``_run`` sets
+    ``_ready`` once it is listening, and entering waits for that."""
+
+    _task: asyncio.Task[None] | None = None
+    _ready: asyncio.Event
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run())
+        async with asyncio.timeout(10):
+            await self._ready.wait()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

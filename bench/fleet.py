@@ -38,17 +38,18 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import aiomqtt
 
-from bench._common import load_average, percentile
+from bench._common import Listener, load_average, percentile
 from bench.footprint import check_exit, daemon_defaults, proc_cpu, proc_status
 from simulators.registry import ReferenceRegistry
 from tests.broker import Mosquitto
 from tests.installation import (
     Installation,
     install,
+    make_registry,
     organisation,
     pair_all,
     start_daemon,
@@ -70,26 +71,13 @@ class SysBroker(Mosquitto):
 
 
 @dataclass
-class Traffic:
+class Traffic(Listener):
     """Every message on ``lockgw/#`` and the broker's ``$SYS`` counters, timestamped."""
 
     broker: Mosquitto
     messages: list[tuple[float, str]] = field(default_factory=list)
     sys_values: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
-    _task: asyncio.Task[None] | None = None
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._run())
-        async with asyncio.timeout(10):
-            await self._ready.wait()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         async with aiomqtt.Client(
@@ -242,14 +230,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             began = time.perf_counter()
             sites = await build(args, root, broker)
             figures["set_up_s"] = time.perf_counter() - began
-            org = sites[0].installation.registry
-            registry = ReferenceRegistry(
-                host=broker.host,
-                port=broker.port,
-                key=org.key,
-                certificate=org.certificate,
-                authority=org.authority.public_key(),
-                client_id="bench-fleet-registry",
+            # One organisation: every installation holds the same registry keys.
+            registry = make_registry(
+                sites[0].installation, broker, client_id="bench-fleet-registry"
             )
             listener = asyncio.create_task(registry.run())
             async with Traffic(broker) as traffic:

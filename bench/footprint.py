@@ -43,14 +43,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import aiomqtt
 
+from bench._common import Listener
 from simulators.broker import free_port
 from simulators.registry import ReferenceRegistry
 from tests.broker import Mosquitto
-from tests.installation import Installation, install, pair_all, start_daemon, stop_daemon
+from tests.installation import (
+    Installation,
+    install,
+    make_registry,
+    pair_all,
+    start_daemon,
+    stop_daemon,
+)
 from tests.processes import REPO_ROOT, SimProcess
 
 MIB = 1024 * 1024
@@ -123,22 +131,7 @@ def daemon_defaults(installation: Installation, *, slots: int = 5) -> None:
     )
 
 
-def make_registry(
-    installation: Installation, broker: Mosquitto, client_id: str
-) -> ReferenceRegistry:
-    """The reference registry with the organisation's keys (no schema checks: speed)."""
-    org = installation.registry
-    return ReferenceRegistry(
-        host=broker.host,
-        port=broker.port,
-        key=org.key,
-        certificate=org.certificate,
-        authority=org.authority.public_key(),
-        client_id=client_id,
-    )
-
-
-class StatusWatch:
+class StatusWatch(Listener):
     """A subscriber to gateway status topics, subscribed before any gateway starts; every
     message is timestamped on arrival (``time.perf_counter``)."""
 
@@ -147,20 +140,7 @@ class StatusWatch:
         self.topic = topic
         self.seen: list[tuple[float, str, dict[str, Any]]] = []
         self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-
-    async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._run())
-        async with asyncio.timeout(10):
-            await self._ready.wait()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         async with aiomqtt.Client(
@@ -343,7 +323,8 @@ async def memory(
     args: argparse.Namespace, installation: Installation, sim: SimProcess, broker: Mosquitto
 ) -> dict[str, Any]:
     """(a): the daemon collecting from every device; its memory."""
-    registry = make_registry(installation, broker, "bench-footprint-registry")
+    # No schema checks: the bench measures the gateway, not the registry.
+    registry = make_registry(installation, broker, client_id="bench-footprint-registry")
     listener = asyncio.create_task(registry.run())
     figures: dict[str, Any] = {}
     try:
