@@ -90,7 +90,7 @@ def mqtt_settings(settings: Settings) -> MqttSettings:
         prefix=mqtt.prefix,
         tls=tls,
         username=mqtt.username,
-        password=mqtt.password.get_secret_value() if mqtt.password else None,
+        password=mqtt.password.reveal() if mqtt.password else None,
         keepalive=int(mqtt.keepalive),
         protocol=mqtt.protocol,
         reconnect_min=mqtt.reconnect_min,

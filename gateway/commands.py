@@ -27,7 +27,7 @@ passed (docs/mqtt-api.md, "Commands"):
    the future, ``exp`` reached, or a lifetime above :data:`MAX_COMMAND_LIFETIME`;
 10. ``replayed``: the ``jti`` was seen before (durably remembered until ``exp``);
 11. ``unknown_op``;
-12. ``bad_args``: the arguments do not validate into the operation's model;
+12. ``bad_args``: the arguments are not what the operation's class reads;
 13. ``out_of_scope``: a fleet or site target the registry's certificate does not cover
     (device targets are checked by the handler, which knows each device's site, with
     :meth:`Command.covers`).
@@ -47,7 +47,7 @@ import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, Self
+from typing import Any, Final, Literal, Self, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -60,8 +60,8 @@ from joserfc.jwa import JWSAlgModel
 from joserfc.jwk import OKPKey
 from joserfc.registry import HeaderParameter
 from joserfc.util import urlsafe_b64decode, urlsafe_b64encode
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gateway.fields import Fields, Invalid, Problem, boolean, integer, nullable, one_of, text
 from protocols.envelopes import (
     MAX_ACCESS_ENTRIES,
     MAX_CERTIFICATE_SIZE,
@@ -188,75 +188,126 @@ class CommandError(Exception):
         return f"CommandError({self.code!r}, {self.message!r})"
 
 
-# -------------------------------------------------------------------------------- models
+# ----------------------------------------------------------------------------- arguments
+#
+# Each class reads itself from the parsed JSON with ``read``; :func:`_read_object` runs
+# it over a whole object, so that a refusal names the first problem and counts the rest.
+# Reading is as strict as JSON's types: "1" is not 1, true is not 1, 1.0 is not an int.
 
-U32 = Annotated[int, Field(ge=0, le=_U32_MAX)]
+T = TypeVar("T")
+
+
+def _json_object(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        msg = "must be a JSON object"
+        raise Invalid(msg)
+    return value
+
+
+_U32: Final = integer(0, _U32_MAX)
 """Unix seconds, versions and site ids: unsigned 32-bit, as on the device wire."""
-Version = Annotated[int, Field(ge=1, le=_U32_MAX)]
-KeyId = Annotated[int, Field(ge=1, le=_U32_MAX)]
+_VERSION: Final = integer(1, _U32_MAX)
+_KEY_ID: Final = integer(1, _U32_MAX)
 """A staff key id: u32, 0 means "no key" on the wire and is never valid here."""
-DeviceId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
+_DEVICE_ID: Final = text(r"^[0-9a-f]{16}$", reason="must be 16 lower-case hex digits")
 """Eight bytes as sixteen lower-case hex digits (the form of topics and payloads)."""
-UpdateId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+_UPDATE_ID: Final = text(
+    r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$",
+    reason="must be 1 to 64 letters, digits and . _ : -, starting with a letter or digit",
+)
 """Becomes a topic level (``updates/{update_id}/progress``): no ``/``, ``+``, ``#``."""
-Text = Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,200}$")]
-RequestId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+_TEXT: Final = text(
+    r"^[^\x00-\x1f\x7f-\x9f]{1,200}$", reason="must be 1 to 200 characters, no control characters"
+)
 """Free text for people (work orders, reasons): no control characters for logs."""
-HourMinute = Annotated[str, Field(pattern=r"^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
+_REQUEST_ID: Final = text(r"^[0-9a-f]{32}$", reason="must be 32 lower-case hex digits")
+_HOUR_MINUTE: Final = text(
+    r"^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$", reason="must be a time HH:MM from 00:00 to 24:00"
+)
+_COMMAND_ID: Final = text(_ID_PATTERN, reason="must be 1 to 64 characters, no control characters")
+_OP: Final = text(_OP_PATTERN, reason="must be a-z and _, starting with a letter, at most 32")
+_GATEWAY: Final = text(r"(?s)^.{1,64}$", reason="must be 1 to 64 characters")
+_JTI: Final = text(_JTI_PATTERN, reason="must be 16 to 64 printable ASCII characters, no spaces")
+
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 DAYS: Final[tuple[Day, ...]] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+TargetKindName = Literal["fleet", "site", "device"]
+_TARGET_KINDS: Final[tuple[TargetKindName, ...]] = ("fleet", "site", "device")
+Mode = Literal["full", "delta"]
+_MODES: Final[tuple[Mode, ...]] = ("full", "delta")
 
 
-class _Strict(BaseModel):
-    """Strict, closed, immutable: no coercion ("1" is not 1), no unknown fields."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class TargetArgs(_Strict):
+@dataclass(frozen=True, slots=True)
+class TargetArgs:
     """Which devices an update is for; a site names ``site_id``, a device ``device_id``."""
 
-    kind: Literal["fleet", "site", "device"]
-    site_id: U32 | None = None
-    device_id: DeviceId | None = None
+    kind: TargetKindName
+    site_id: int | None = None
+    device_id: str | None = None
 
-    @model_validator(mode="after")
-    def _one_meaning(self) -> Self:
-        if self.kind == "site" and (self.site_id is None or self.device_id is not None):
-            msg = "a site target names site_id and nothing else"
-            raise ValueError(msg)
-        if self.kind == "device" and (self.device_id is None or self.site_id is not None):
-            msg = "a device target names device_id and nothing else"
-            raise ValueError(msg)
-        if self.kind == "fleet" and (self.site_id is not None or self.device_id is not None):
-            msg = "a fleet target names no site or device"
-            raise ValueError(msg)
-        return self
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """Read and check a target (explicit nulls count as absent)."""
+        args = cls(
+            kind=fields.get("kind", one_of(*_TARGET_KINDS)),
+            site_id=fields.get("site_id", nullable(_U32), None),
+            device_id=fields.get("device_id", nullable(_DEVICE_ID), None),
+        )
+        if fields.valid("kind", "site_id", "device_id"):
+            if args.kind == "site" and (args.site_id is None or args.device_id is not None):
+                fields.problem(None, "a site target names site_id and nothing else")
+            elif args.kind == "device" and (args.device_id is None or args.site_id is not None):
+                fields.problem(None, "a device target names device_id and nothing else")
+            elif args.kind == "fleet" and (args.site_id is not None or args.device_id is not None):
+                fields.problem(None, "a fleet target names no site or device")
+        return args
 
     def to_target(self) -> Target:
         """The protocol's :class:`~protocols.envelopes.Target`."""
         if self.kind == "device":
-            assert self.device_id is not None  # checked by the validator
+            assert self.device_id is not None  # checked by read
             return Target.device(bytes.fromhex(self.device_id))
         if self.kind == "site":
-            assert self.site_id is not None  # checked by the validator
+            assert self.site_id is not None  # checked by read
             return Target.site(self.site_id)
         return Target.fleet()
 
 
-class RevocationArgs(_Strict):
-    key_id: KeyId
-    prune_after: U32
+@dataclass(frozen=True, slots=True)
+class RevocationArgs:
+    key_id: int
+    prune_after: int
+
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """Read one revocation."""
+        return cls(
+            key_id=fields.get("key_id", _KEY_ID), prune_after=fields.get("prune_after", _U32)
+        )
 
 
-class RevokeArgs(_Strict):
+@dataclass(frozen=True, slots=True)
+class RevokeArgs:
     """Replace the revocation list of the target's devices."""
 
-    update_id: UpdateId
-    version: Version
-    revocations: Annotated[tuple[RevocationArgs, ...], Field(max_length=MAX_REVOCATIONS)]
+    update_id: str
+    version: int
+    revocations: tuple[RevocationArgs, ...]
     target: TargetArgs
-    expires_at: U32
+    expires_at: int
+
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """Read the arguments of ``revoke``."""
+        return cls(
+            update_id=fields.get("update_id", _UPDATE_ID),
+            version=fields.get("version", _VERSION),
+            revocations=fields.tables(
+                "revocations", RevocationArgs.read, max_length=MAX_REVOCATIONS
+            ),
+            target=fields.table("target", TargetArgs.read),
+            expires_at=fields.get("expires_at", _U32),
+        )
 
     def to_update(self, issued_at: int) -> AuthorisationUpdate:
         """The update for devices (raises ``LocalProtocolError`` if it cannot be one)."""
@@ -274,22 +325,27 @@ class RevokeArgs(_Strict):
         )
 
 
-class WindowArgs(_Strict):
+@dataclass(frozen=True, slots=True)
+class WindowArgs:
     """Local times a key may open: on ``days``, from ``start`` to ``end`` (HH:MM)."""
 
-    days: Annotated[tuple[Day, ...], Field(min_length=1, max_length=7)]
-    start: HourMinute
-    end: HourMinute
+    days: tuple[Day, ...]
+    start: str
+    end: str
 
-    @model_validator(mode="after")
-    def _ordered(self) -> Self:
-        if len(set(self.days)) != len(self.days):
-            msg = "days repeat"
-            raise ValueError(msg)
-        if _minutes(self.start) >= _minutes(self.end):
-            msg = "start must be before end (split windows that cross midnight)"
-            raise ValueError(msg)
-        return self
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """Read and check one window."""
+        args = cls(
+            days=fields.array("days", one_of(*DAYS), min_length=1, max_length=7),
+            start=fields.get("start", _HOUR_MINUTE),
+            end=fields.get("end", _HOUR_MINUTE),
+        )
+        if fields.valid("days") and len(set(args.days)) != len(args.days):
+            fields.problem(None, "days repeat")
+        if fields.valid("start", "end") and _minutes(args.start) >= _minutes(args.end):
+            fields.problem(None, "start must be before end (split windows that cross midnight)")
+        return args
 
     def to_window(self) -> ScheduleWindow:
         """The protocol's window: a day bitmask (bit 0 Monday) and minutes of the day."""
@@ -301,44 +357,68 @@ class WindowArgs(_Strict):
         )
 
 
-class AccessEntryArgs(_Strict):
-    key_id: KeyId
-    valid_from: U32
-    valid_until: U32
-    windows: Annotated[tuple[WindowArgs, ...], Field(min_length=1, max_length=MAX_WINDOWS)]
+@dataclass(frozen=True, slots=True)
+class AccessEntryArgs:
+    key_id: int
+    valid_from: int
+    valid_until: int
+    windows: tuple[WindowArgs, ...]
 
-    @model_validator(mode="after")
-    def _ordered(self) -> Self:
-        if self.valid_from >= self.valid_until:
-            msg = "valid_from must be before valid_until"
-            raise ValueError(msg)
-        return self
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """Read and check one entry of an access list."""
+        args = cls(
+            key_id=fields.get("key_id", _KEY_ID),
+            valid_from=fields.get("valid_from", _U32),
+            valid_until=fields.get("valid_until", _U32),
+            windows=fields.tables("windows", WindowArgs.read, min_length=1, max_length=MAX_WINDOWS),
+        )
+        if fields.valid("valid_from", "valid_until") and args.valid_from >= args.valid_until:
+            fields.problem(None, "valid_from must be before valid_until")
+        return args
 
 
-class SetAccessArgs(_Strict):
+@dataclass(frozen=True, slots=True)
+class SetAccessArgs:
     """Replace (``full``) or change (``delta`` on ``base_version``) an access list."""
 
-    update_id: UpdateId
+    update_id: str
     target: TargetArgs
-    mode: Literal["full", "delta"]
-    version: Version
-    base_version: U32
-    entries: Annotated[tuple[AccessEntryArgs, ...], Field(max_length=MAX_ACCESS_ENTRIES)]
-    removed: Annotated[tuple[KeyId, ...], Field(max_length=MAX_REMOVED_KEYS)]
-    expires_at: U32
+    mode: Mode
+    version: int
+    base_version: int
+    entries: tuple[AccessEntryArgs, ...]
+    removed: tuple[int, ...]
+    expires_at: int
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Self:
-        if self.target.kind == "fleet":
-            msg = "access lists are for a site or a device, never the fleet"
-            raise ValueError(msg)
-        if self.mode == "full" and (self.base_version != 0 or self.removed):
-            msg = "a full list has base_version 0 and removes nothing"
-            raise ValueError(msg)
-        if self.mode == "delta" and self.base_version >= self.version:
-            msg = "a delta's version must be above its base_version"
-            raise ValueError(msg)
-        return self
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """Read and check the arguments of ``set_access``."""
+        args = cls(
+            update_id=fields.get("update_id", _UPDATE_ID),
+            target=fields.table("target", TargetArgs.read),
+            mode=fields.get("mode", one_of(*_MODES)),
+            version=fields.get("version", _VERSION),
+            base_version=fields.get("base_version", _U32),
+            entries=fields.tables("entries", AccessEntryArgs.read, max_length=MAX_ACCESS_ENTRIES),
+            removed=fields.array("removed", _KEY_ID, max_length=MAX_REMOVED_KEYS),
+            expires_at=fields.get("expires_at", _U32),
+        )
+        if fields.valid("target") and args.target.kind == "fleet":
+            fields.problem(None, "access lists are for a site or a device, never the fleet")
+        if (
+            fields.valid("mode", "base_version", "removed")
+            and args.mode == "full"
+            and (args.base_version != 0 or args.removed)
+        ):
+            fields.problem(None, "a full list has base_version 0 and removes nothing")
+        if (
+            fields.valid("mode", "base_version", "version")
+            and args.mode == "delta"
+            and args.base_version >= args.version
+        ):
+            fields.problem(None, "a delta's version must be above its base_version")
+        return args
 
     def to_update(self, issued_at: int) -> AuthorisationUpdate:
         """The update for devices (raises ``LocalProtocolError`` if it cannot be one)."""
@@ -362,60 +442,110 @@ class SetAccessArgs(_Strict):
         )
 
 
-class PullLogsArgs(_Strict):
+@dataclass(frozen=True, slots=True)
+class PullLogsArgs:
     """The device's log records with times ``from`` to ``to`` (unix seconds, inclusive)."""
 
-    device_id: DeviceId
-    time_from: U32 = Field(alias="from")
-    time_to: U32 = Field(alias="to")
+    device_id: str
+    time_from: int
+    time_to: int
 
-    @model_validator(mode="after")
-    def _ordered(self) -> Self:
-        if self.time_from > self.time_to:
-            msg = "from must not be after to"
-            raise ValueError(msg)
-        return self
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """Read and check the arguments of ``pull_logs`` (keys ``from`` and ``to``)."""
+        args = cls(
+            device_id=fields.get("device_id", _DEVICE_ID),
+            time_from=fields.get("from", _U32),
+            time_to=fields.get("to", _U32),
+        )
+        if fields.valid("from", "to") and args.time_from > args.time_to:
+            fields.problem(None, "from must not be after to")
+        return args
 
 
-class TimeSyncArgs(_Strict):
+@dataclass(frozen=True, slots=True)
+class TimeSyncArgs:
     """Set the clock of one device, or (``null``) of every device in scope."""
 
-    device_id: DeviceId | None
+    device_id: str | None
+
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """Read ``device_id``, which must be there even when null: "every device" is
+        never the result of a key left out."""
+        return cls(device_id=fields.get("device_id", nullable(_DEVICE_ID)))
 
 
-class GetStateArgs(_Strict):
+@dataclass(frozen=True, slots=True)
+class GetStateArgs:
     """Report the state of one device, or (``null``) of every device."""
 
-    device_id: DeviceId | None
+    device_id: str | None
+
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """Read ``device_id``, required even when null (as for ``time_sync``)."""
+        return cls(device_id=fields.get("device_id", nullable(_DEVICE_ID)))
 
 
-class RegisterArgs(_Strict):
+@dataclass(frozen=True, slots=True)
+class RegisterArgs:
     """The registry confirms a pairing made on site."""
 
-    device_id: DeviceId
-    work_order: Text
-    consent_reference: Text
+    device_id: str
+    work_order: str
+    consent_reference: str
+
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """Read the arguments of ``register``."""
+        return cls(
+            device_id=fields.get("device_id", _DEVICE_ID),
+            work_order=fields.get("work_order", _TEXT),
+            consent_reference=fields.get("consent_reference", _TEXT),
+        )
 
 
-class DecommissionArgs(_Strict):
+@dataclass(frozen=True, slots=True)
+class DecommissionArgs:
     """Take a device out of service; ``force`` even when it cannot be reached.
 
     ``request_id`` answers a technician's request (``lockgw decommission``, published on
     the ``requests`` topic): such a command is carried out only while that request waits.
     """
 
-    device_id: DeviceId
-    reason: Text
+    device_id: str
+    reason: str
     force: bool
-    request_id: RequestId | None = None
+    request_id: str | None = None
+
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """Read the arguments of ``decommission`` (``request_id`` may be null or absent)."""
+        return cls(
+            device_id=fields.get("device_id", _DEVICE_ID),
+            reason=fields.get("reason", _TEXT),
+            force=fields.get("force", boolean),
+            request_id=fields.get("request_id", nullable(_REQUEST_ID), None),
+        )
 
 
-class DeclineArgs(_Strict):
+@dataclass(frozen=True, slots=True)
+class DeclineArgs:
     """The registry refuses a technician's request, e.g. because a service needs the lock."""
 
-    request_id: RequestId
-    reason: Text
-    needed_by: Annotated[list[Text], Field(max_length=32)] = []
+    request_id: str
+    reason: str
+    needed_by: tuple[str, ...] = ()
+
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """Read the arguments of ``decline`` (``needed_by`` may be absent, never null)."""
+        return cls(
+            request_id=fields.get("request_id", _REQUEST_ID),
+            reason=fields.get("reason", _TEXT),
+            needed_by=fields.array("needed_by", _TEXT, max_length=32, default=()),
+        )
 
 
 CommandArgs = (
@@ -440,23 +570,37 @@ OPERATIONS: Final[Mapping[str, type[CommandArgs]]] = {
     "decommission": DecommissionArgs,
     "decline": DeclineArgs,
 }
-"""Every operation the gateway knows, with the model its ``args`` must validate into."""
+"""Every operation the gateway knows, with the class whose ``read`` its ``args`` must pass."""
 
 
-class CommandClaims(_Strict):
+@dataclass(frozen=True, slots=True)
+class CommandClaims:
     """The signed claims of a command (docs/schemas/command-claims.json)."""
 
-    id: Annotated[str, Field(pattern=_ID_PATTERN)]
-    op: Annotated[str, Field(pattern=_OP_PATTERN)]
-    gateway: Annotated[str, Field(min_length=1, max_length=64)]
-    iat: U32
-    exp: U32
-    jti: Annotated[str, Field(pattern=_JTI_PATTERN)]
+    id: str
+    op: str
+    gateway: str
+    iat: int
+    exp: int
+    jti: str
     args: dict[str, Any]
 
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """Read the claims; ``args`` only as a JSON object, read later for its ``op``."""
+        return cls(
+            id=fields.get("id", _COMMAND_ID),
+            op=fields.get("op", _OP),
+            gateway=fields.get("gateway", _GATEWAY),
+            iat=fields.get("iat", _U32),
+            exp=fields.get("exp", _U32),
+            jti=fields.get("jti", _JTI),
+            args=fields.get("args", _json_object),
+        )
 
-def _minutes(text: str) -> int:
-    hours, minutes = text.split(":")
+
+def _minutes(clock: str) -> int:
+    hours, minutes = clock.split(":")
     value = int(hours) * 60 + int(minutes)
     assert value <= MINUTES_PER_DAY  # the pattern admits 00:00..24:00 only
     return value
@@ -470,7 +614,7 @@ class Command:
     """A verified command: every check of :meth:`CommandVerifier.verify` passed.
 
     ``issued_at`` and ``expires_at`` are the claims ``iat`` and ``exp``. ``args`` is the
-    operation's model. ``update`` is the signed-update body for ``revoke`` and
+    operation's arguments. ``update`` is the signed-update body for ``revoke`` and
     ``set_access`` (issued at ``min(iat, now)``, so registry clock skew never makes it
     not-yet-valid on devices), None for other operations. ``registry_subject`` and
     ``registry_scope`` come from the registry certificate that signed the command.
@@ -615,11 +759,12 @@ def _load_json(data: bytes) -> Any:
 
 
 def readable_id(value: object) -> str | None:
-    """``value`` if it can be echoed as a correlation id (1..64 chars, no controls)."""
+    """``value`` if it can be echoed as a correlation id (1..64 chars, no controls, and
+    no lone surrogates, which a UTF-8 response cannot carry)."""
     if (
         isinstance(value, str)
         and 1 <= len(value) <= 64
-        and not any(unicodedata.category(ch) == "Cc" for ch in value)
+        and not any(unicodedata.category(ch) in {"Cc", "Cs"} for ch in value)
     ):
         return value
     return None
@@ -631,15 +776,35 @@ def _readable_op(value: object) -> str | None:
     return None
 
 
-def _first_error(exc: ValidationError, prefix: str) -> str:
-    """The first validation error, naming the field, e.g. ``args.target.device_id: ...``."""
-    errors = exc.errors(include_url=False, include_input=False)
-    if not errors:
-        return f"{prefix}: invalid"
-    first = errors[0]
-    where = ".".join(str(part) for part in (prefix, *first["loc"]))
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {first['msg']}{more}"
+def _read_object(
+    value: object, read: Callable[[Fields], T], prefix: str, code: str, refuse: _Refuser
+) -> T:
+    """``read`` of the JSON object ``value``, or a refusal naming its first problem."""
+    if not isinstance(value, dict):
+        raise refuse(code, f"{prefix}: must be a JSON object")
+    fields = Fields(value)
+    result = read(fields)
+    fields.finish()
+    if fields.problems:
+        raise refuse(code, _describe(fields.problems, prefix))
+    return result
+
+
+_MAX_SHOWN_LOCATION: Final = 100
+
+
+def _describe(problems: list[Problem], prefix: str) -> str:
+    """The first problem, naming the field, e.g. ``args.target.device_id: ...``.
+
+    Never the value: the message goes into the response and the logs.
+    """
+    first = problems[0]
+    where = f"{prefix}.{first.dotted}" if first.location else prefix
+    if len(where) > _MAX_SHOWN_LOCATION or not where.isprintable():
+        # Unknown keys are named as sent; escaped, they cannot forge log lines.
+        where = ascii(where[:_MAX_SHOWN_LOCATION])
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{where}: {first.reason}{more}"
 
 
 # ------------------------------------------------------------------------------ verifier
@@ -797,14 +962,11 @@ def _arguments(
     claims: CommandClaims, *, issued_at: int, refuse: _Refuser
 ) -> tuple[CommandArgs, AuthorisationUpdate | None]:
     """``unknown_op``, or the validated arguments (``bad_args``) and update body."""
-    model = OPERATIONS.get(claims.op)
-    if model is None:
+    operation = OPERATIONS.get(claims.op)
+    if operation is None:
         raise refuse(ErrorCode.UNKNOWN_OP, f"unknown operation {claims.op!r}")
-    try:
-        # JSON mode, so that arrays validate into the models' tuples under strict.
-        args = model.model_validate_json(json.dumps(claims.args))
-    except ValidationError as exc:
-        raise refuse(ErrorCode.BAD_ARGS, _first_error(exc, "args")) from exc
+    read: Callable[[Fields], CommandArgs] = operation.read
+    args = _read_object(claims.args, read, "args", ErrorCode.BAD_ARGS, refuse)
     if not isinstance(args, RevokeArgs | SetAccessArgs):
         return args, None
     try:
@@ -846,10 +1008,7 @@ def _claims(data: bytes, refuse: _Refuser) -> CommandClaims:
         value = _load_json(data)
     except ValueError as exc:
         raise refuse(ErrorCode.MALFORMED, f"claims are not JSON: {exc}") from exc
-    try:
-        return CommandClaims.model_validate(value)
-    except ValidationError as exc:
-        raise refuse(ErrorCode.MALFORMED, _first_error(exc, "claims")) from exc
+    return _read_object(value, CommandClaims.read, "claims", ErrorCode.MALFORMED, refuse)
 
 
 def _check_target_scope(target: TargetArgs, scope: Scope, refuse: _Refuser) -> None:

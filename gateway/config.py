@@ -1,29 +1,34 @@
-"""The gateway's settings: one TOML file, validated once at start-up into frozen models.
+"""The gateway's settings: one TOML file, read once at start-up into frozen dataclasses.
 
 :func:`load_config` reads the file and returns :class:`Settings`, or raises
 :class:`ConfigError` listing *every* problem, one per line, as
 ``<file>: <dotted.field>: <reason> (got <value>)``. An operator who starts the daemon
 after editing the file sees all mistakes at once instead of fixing them one restart at a
-time, and a typo in a key name is an error rather than a silently ignored setting
-(``extra="forbid"``). Secret values (the MQTT password, anything under a key that looks
-like key material) are never echoed back.
+time, and a typo in a key name is an error rather than a silently ignored setting (every
+section reports the keys it did not read). Secret values (the MQTT password, anything
+under a key that looks like key material) are never echoed back.
 
 Conventions, documented key by key in ``config/gateway.example.toml``:
 
 * Durations are numbers of seconds (``30``, ``0.5``) or strings with one unit:
-  ``"500ms"``, ``"30s"``, ``"5m"``, ``"6h"``, ``"30d"``. Validated durations are
+  ``"500ms"``, ``"30s"``, ``"5m"``, ``"6h"``, ``"30d"``. Once read, durations are
   ``float`` seconds, ready for :func:`asyncio.sleep` and :func:`asyncio.timeout`.
 * Relative paths resolve against the directory of the configuration file, not the
   working directory, so a unit file and a developer's shell read the same files.
 * Files the daemon needs (keys, certificates, CA bundle) must exist and be readable when
   the configuration is loaded, so a wrong path fails the start, not the first session.
 
-Validation is strict about types: TOML is typed, so ``slots = "5"`` is a mistake worth
-reporting rather than a value worth coercing.
+Each section is read key by key with :class:`gateway.fields.Fields` (by the section's
+``read`` class method), which is strict about types: TOML is typed, so ``slots = "5"`` is a
+mistake worth reporting rather than a value worth coercing. Checks between keys of a
+section run only on keys read without a problem, so a wrong value is reported once.
+This is done by hand rather than with a validation library, which would cost the daemon
+about a fifth of its memory budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -31,20 +36,18 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, Self
+from typing import Final, Literal, Self, TypeAlias
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    ValidationInfo,
-    model_validator,
+from gateway.fields import (
+    NOTHING,
+    Fields,
+    Invalid,
+    Problem,
+    boolean,
+    integer,
+    one_of,
+    text,
 )
-from pydantic_core import PydanticCustomError
 
 __all__ = [
     "DEFAULT_METRICS_LISTEN",
@@ -57,6 +60,7 @@ __all__ = [
     "MqttSettings",
     "RadioSettings",
     "SchedulerSettings",
+    "Secret",
     "Settings",
     "load_config",
     "parse_duration",
@@ -92,12 +96,10 @@ _HOSTNAME_RE: Final = re.compile(
 MQTT_MAX_KEEPALIVE: Final = 65535
 """The MQTT keep-alive is a 16-bit number of seconds."""
 
+MAX_SOCKET_PATH: Final = 107
+"""Longest path a Unix socket can be bound to on Linux (sun_path holds 108 bytes)."""
 
-_INVALID: Final = "lockgw_invalid"
-"""pydantic error type of a value our own validators refuse; the message is the reason."""
-
-_CROSS_FIELD: Final = "lockgw_cross_field"
-"""pydantic error type that carries every cross-field problem of one model."""
+_UNKNOWN_KEY: Final = "unknown key (see config/gateway.example.toml for the valid keys)"
 
 
 class ConfigError(Exception):
@@ -109,8 +111,38 @@ class ConfigError(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# Value types
+# Value types and converters
 # --------------------------------------------------------------------------------------------
+
+
+Duration: TypeAlias = float
+"""A positive duration in seconds, written as a number or a string with a unit."""
+
+Backend: TypeAlias = Literal["bleak", "bumble"]
+MqttProtocol: TypeAlias = Literal["5", "3.1.1"]
+LogLevel: TypeAlias = Literal["debug", "info", "warning", "error"]
+LogFormat: TypeAlias = Literal["auto", "json", "console"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
+class Secret:
+    """A string that is never shown: its repr and str are masked, :meth:`reveal` gives it.
+
+    Settings end up in reprs, log lines and tracebacks; only the one place that needs the
+    value asks for it.
+    """
+
+    _value: str
+
+    def reveal(self) -> str:
+        """The secret itself."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('[redacted]')"
+
+    def __str__(self) -> str:
+        return "[redacted]"
 
 
 def parse_duration(value: object) -> float:
@@ -140,137 +172,78 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
-def _duration(value: object) -> float:
+def _duration(value: object) -> Duration:
     try:
         seconds = parse_duration(value)
     except ValueError as exc:
-        raise PydanticCustomError(_INVALID, str(exc)) from exc
+        raise Invalid(str(exc)) from exc
     if seconds <= 0:
-        raise PydanticCustomError(_INVALID, "must be longer than zero")
+        msg = "must be longer than zero"
+        raise Invalid(msg)
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(_duration)]
-"""A positive duration in seconds, written as a number or a string with a unit."""
+def _keepalive(value: object) -> Duration:
+    seconds = _duration(value)
+    if seconds != int(seconds) or seconds > MQTT_MAX_KEEPALIVE:
+        msg = f"must be whole seconds from 1 to {MQTT_MAX_KEEPALIVE}"
+        raise Invalid(msg)
+    return seconds
 
 
-def _to_path(value: object) -> object:
-    # The model is strict (a TOML string is not silently a path elsewhere), so paths are
-    # converted explicitly; anything that is not a non-empty string is left for the type
-    # check to report.
-    if isinstance(value, str):
-        if not value.strip():
-            raise PydanticCustomError(_INVALID, "a path must not be empty")
-        return Path(value)
-    return value
+_STRING: Final = text()
 
 
-def _resolve(value: Path, info: ValidationInfo) -> Path:
-    if value.is_absolute():
-        return value
-    base = info.context.get("base_dir") if isinstance(info.context, Mapping) else None
-    return (base if isinstance(base, Path) else Path.cwd()) / value
+def _non_empty(max_length: int | None = None) -> Callable[[object], str]:
+    """A string with something in it besides white space."""
+    as_text = text(max_length=max_length)
+
+    def convert(value: object) -> str:
+        result = as_text(value)
+        if not result.strip():
+            msg = "must not be empty"
+            raise Invalid(msg)
+        return result
+
+    return convert
 
 
-def _path_problem(path: Path, info: ValidationInfo, reason: str) -> PydanticCustomError:
-    # The "got" part shows the path as written; when it was relative, say where we looked.
-    if isinstance(info.context, Mapping) and path != _resolve(path, info):
-        return PydanticCustomError(
-            _INVALID, "{reason}: {path}", {"reason": reason, "path": str(_resolve(path, info))}
-        )
-    return PydanticCustomError(_INVALID, reason)
+_NON_EMPTY: Final = _non_empty()
+
+_gateway_id: Final = text(_GATEWAY_ID_RE, reason="must be 1 to 64 characters of a-z, 0-9 and '-'")
 
 
-def _readable_file(value: Path, info: ValidationInfo) -> Path:
-    path = _resolve(value, info)
-    if not path.exists():
-        raise _path_problem(value, info, "no such file")
-    if not path.is_file():
-        raise _path_problem(value, info, "not a regular file")
-    try:
-        # Opening is the only honest readability test: os.access() ignores ACLs, LSMs and
-        # the credentials the service actually runs with.
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        raise _path_problem(value, info, f"cannot be read ({exc.strerror or exc})") from exc
-    return path
+def _secret(value: object) -> Secret:
+    return Secret(_STRING(value))
 
 
-def _directory(value: Path, info: ValidationInfo) -> Path:
-    path = _resolve(value, info)
-    if path.exists() and not path.is_dir():
-        raise _path_problem(value, info, "exists but is not a directory")
-    return path
+def _mqtt_prefix(value: object) -> str:
+    prefix = _STRING(value)
+    if not prefix or prefix.startswith("/") or prefix.endswith("/"):
+        msg = "must be non-empty, without a leading or trailing '/'"
+        raise Invalid(msg)
+    if any(char in prefix for char in "+#\x00"):
+        msg = "must not contain the wildcards '+' or '#'"
+        raise Invalid(msg)
+    if "//" in prefix:
+        msg = "must not contain an empty topic level ('//')"
+        raise Invalid(msg)
+    return prefix
 
 
-ReadableFile = Annotated[Path, BeforeValidator(_to_path), AfterValidator(_readable_file)]
-"""A path to a regular file that exists and can be read now; relative paths resolve against
-the configuration file's directory."""
-
-Directory = Annotated[Path, BeforeValidator(_to_path), AfterValidator(_directory)]
-"""A directory; it need not exist yet (systemd's StateDirectory= or the daemon creates it)."""
+_backend: Final[Callable[[object], Backend]] = one_of("bleak", "bumble")
+_protocol_choice: Final[Callable[[object], MqttProtocol]] = one_of("5", "3.1.1")
+_level_choice: Final[Callable[[object], LogLevel]] = one_of("debug", "info", "warning", "error")
+_log_format: Final[Callable[[object], LogFormat]] = one_of("auto", "json", "console")
 
 
-MAX_SOCKET_PATH: Final = 107
-"""Longest path a Unix socket can be bound to on Linux (sun_path holds 108 bytes)."""
-
-
-def _socket_path(value: Path, info: ValidationInfo) -> Path:
-    path = _resolve(value, info)
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise _path_problem(
-            value, info, f"longer than the {MAX_SOCKET_PATH} bytes a Unix socket path can have"
-        )
-    if path.exists() and not path.is_socket():
-        raise _path_problem(value, info, "exists but is not a socket")
-    return path
-
-
-SocketPath = Annotated[Path, BeforeValidator(_to_path), AfterValidator(_socket_path)]
-"""Where the daemon listens for local clients; the directory must exist when it starts."""
-
-
-def _list_to_tuple(value: object) -> object:
-    # TOML arrays arrive as lists; the frozen models hold tuples so settings stay hashable.
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _lower(value: object) -> object:
-    return value.lower() if isinstance(value, str) else value
-
-
-def _gateway_id(value: str) -> str:
-    if _GATEWAY_ID_RE.fullmatch(value) is None:
-        raise PydanticCustomError(_INVALID, "must be 1 to 64 characters of a-z, 0-9 and '-'")
-    return value
-
-
-def _non_empty(value: str) -> str:
-    if not value.strip():
-        raise PydanticCustomError(_INVALID, "must not be empty")
-    return value
-
-
-def _mqtt_prefix(value: str) -> str:
-    if not value or value.startswith("/") or value.endswith("/"):
-        raise PydanticCustomError(_INVALID, "must be non-empty, without a leading or trailing '/'")
-    if any(char in value for char in "+#\x00"):
-        raise PydanticCustomError(_INVALID, "must not contain the wildcards '+' or '#'")
-    if "//" in value:
-        raise PydanticCustomError(_INVALID, "must not contain an empty topic level ('//')")
-    return value
-
-
-def _keepalive(value: float) -> float:
-    if value != int(value) or value > MQTT_MAX_KEEPALIVE:
-        raise PydanticCustomError(_INVALID, "must be whole seconds from 1 to 65535")
-    return value
-
-
-def _mqtt_protocol(value: object) -> object:
+def _mqtt_protocol(value: object) -> MqttProtocol:
     # ``protocol = 5`` (a TOML integer) is an obvious intention; accept it as "5".
-    return "5" if value == 5 and not isinstance(value, bool) else value
+    return _protocol_choice("5" if type(value) is int and value == 5 else value)
+
+
+def _log_level(value: object) -> LogLevel:
+    return _level_choice(value.lower() if isinstance(value, str) else value)
 
 
 def split_host_port(text: str) -> tuple[str, int]:
@@ -302,109 +275,99 @@ def split_host_port(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _listen(value: str) -> str:
+def _listen(value: object) -> str:
+    listen = _STRING(value)
     try:
-        _, port = split_host_port(value)
+        _, port = split_host_port(listen)
     except ValueError as exc:
-        raise PydanticCustomError(_INVALID, str(exc)) from exc
+        raise Invalid(str(exc)) from exc
     if port == 0:
-        raise PydanticCustomError(_INVALID, "the port must be fixed (1 to 65535) for scraping")
-    return value
+        msg = "the port must be fixed (1 to 65535) for scraping"
+        raise Invalid(msg)
+    return listen
+
+
+# Paths. A check returns what is wrong with the resolved path, or None.
+
+_PathCheck: TypeAlias = Callable[[Path], str | None]
+
+
+def _readable_file(path: Path) -> str | None:
+    if not path.exists():
+        return "no such file"
+    if not path.is_file():
+        return "not a regular file"
+    try:
+        # Opening is the only honest readability test: os.access() ignores ACLs, LSMs and
+        # the credentials the service actually runs with.
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def _directory(path: Path) -> str | None:
+    # It need not exist yet: systemd's StateDirectory= or the daemon creates it.
+    if path.exists() and not path.is_dir():
+        return "exists but is not a directory"
+    return None
+
+
+def _socket_path(path: Path) -> str | None:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        return f"longer than the {MAX_SOCKET_PATH} bytes a Unix socket path can have"
+    if path.exists() and not path.is_socket():
+        return "exists but is not a socket"
+    return None
+
+
+def _path(base_dir: Path, check: _PathCheck) -> Callable[[object], Path]:
+    """A path resolved against ``base_dir`` (the configuration file's directory) that
+    passes ``check``."""
+
+    def convert(value: object) -> Path:
+        written_text = _STRING(value)
+        if not written_text.strip():
+            msg = "a path must not be empty"
+            raise Invalid(msg)
+        written = Path(written_text)
+        path = base_dir / written  # an absolute path stays as it is
+        reason = check(path)
+        if reason is None:
+            return path
+        # The "got" part shows the path as written; when it was relative, say where we looked.
+        raise Invalid(reason if written.is_absolute() else f"{reason}: {path}")
+
+    return convert
 
 
 # --------------------------------------------------------------------------------------------
-# Cross-field problems
+# Settings
 # --------------------------------------------------------------------------------------------
-
-_Problem = tuple[str, str, object]
-"""(field relative to the model, reason, value shown; :data:`_NOTHING` for none)."""
-
-
-class _Nothing:
-    def __repr__(self) -> str:
-        return "nothing"
+#
+# frozen: settings are read everywhere and changed nowhere (and stay hashable). kw_only:
+# required fields follow defaulted ones in the documented order. Each ``read`` gives every
+# field with a default that same default, so an absent key reads as the dataclass default.
 
 
-_NOTHING: Final = _Nothing()
-
-
-def _raise_problems(problems: list[_Problem]) -> None:
-    # One custom error carries every cross-field problem of a model; the formatter in
-    # load_config unpacks them so each still gets its own line and dotted field.
-    if problems:
-        raise PydanticCustomError(
-            _CROSS_FIELD,
-            "{count} cross-field problem(s)",
-            {"count": len(problems), "problems": problems},
-        )
-
-
-def _radio_presence(data: Mapping[str, object]) -> list[_Problem]:
-    """Which keys [radio] needs or must not have, given the backend.
-
-    Works on raw and on validated data alike: :func:`load_config` also runs it on the raw
-    section when the section has other errors (and its model validator did not run), so
-    the operator sees these problems in the same round.
-    """
-    problems: list[_Problem] = []
-    transport, adapter = data.get("transport"), data.get("adapter")
-    if data.get("backend", "bleak") == "bumble":
-        if transport is None:
-            problems.append(("transport", "required when backend = 'bumble'", _NOTHING))
-        if adapter is not None:
-            problems.append(("adapter", "only used with backend = 'bleak'; use transport", adapter))
-    elif transport is not None:
-        problems.append(("transport", "only used with backend = 'bumble'; use adapter", transport))
-    return problems
-
-
-def _mqtt_presence(data: Mapping[str, object]) -> list[_Problem]:
-    """Which keys [mqtt] needs together; raw or validated data, as :func:`_radio_presence`."""
-    problems: list[_Problem] = []
-    if data.get("tls", True) is True:
-        problems.extend(
-            (name, "required when tls = true", _NOTHING)
-            for name in ("ca_file", "cert_file", "key_file")
-            if data.get(name) is None
-        )
-    if data.get("password") is not None and data.get("username") is None:
-        problems.append(("username", "required when a password is set", _NOTHING))
-    return problems
-
-
-_PRESENCE_CHECKS: Final[Mapping[str, Callable[[Mapping[str, object]], list[_Problem]]]] = {
-    "radio": _radio_presence,
-    "mqtt": _mqtt_presence,
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------------------------
-
-
-class _Section(BaseModel):
-    # frozen: settings are read everywhere and changed nowhere. extra="forbid": a typo is
-    # an error. strict: TOML is typed, so "5" for a number is a mistake, not a number.
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-
-class GatewaySettings(_Section):
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class GatewaySettings:
     """``[gateway]``: who this gateway is and where its state and keys live."""
 
-    id: Annotated[str, AfterValidator(_gateway_id)]
+    id: str
     """1 to 64 characters of ``[a-z0-9-]``; appears in MQTT topics and the client id."""
-    site_ids: Annotated[tuple[int, ...], BeforeValidator(_list_to_tuple)] = ()
+    site_ids: tuple[int, ...] = ()
     """Sites this gateway serves; informational (reported in status, not enforced)."""
-    state_dir: Directory
+    state_dir: Path
     """Directory of the SQLite store (:attr:`store_path`)."""
-    key_file: ReadableFile
+    key_file: Path
     """The gateway's private keys."""
-    certificate_file: ReadableFile
+    certificate_file: Path
     """The gateway certificate, binary or hex."""
-    authority_key_file: ReadableFile
+    authority_key_file: Path
     """The authority's Ed25519 public key: 32 raw bytes, hex, or PEM."""
-    control_socket: SocketPath | None = None
+    control_socket: Path | None = None
     """The daemon's local control socket, for ``lockgw decommission`` and ``lockgw audit
     pull`` (default ``state_dir/control.sock``; under systemd ``/run/lockgw/control.sock``,
     so that members of the lockgw group can reach it)."""
@@ -419,31 +382,72 @@ class GatewaySettings(_Section):
         """Where the control socket is: :attr:`control_socket` or its default."""
         return self.control_socket or self.state_dir / CONTROL_FILENAME
 
+    @classmethod
+    def read(cls, fields: Fields, *, base_dir: Path) -> Self:
+        """The ``[gateway]`` table; relative paths resolve against ``base_dir``."""
+        readable = _path(base_dir, _readable_file)
+        return cls(
+            id=fields.get("id", _gateway_id),
+            site_ids=fields.array("site_ids", integer(), default=()),
+            state_dir=fields.get("state_dir", _path(base_dir, _directory)),
+            key_file=fields.get("key_file", readable),
+            certificate_file=fields.get("certificate_file", readable),
+            authority_key_file=fields.get("authority_key_file", readable),
+            control_socket=fields.get("control_socket", _path(base_dir, _socket_path), None),
+        )
 
-class RadioSettings(_Section):
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RadioSettings:
     """``[radio]``: the Bluetooth LE backend."""
 
-    backend: Literal["bleak", "bumble"] = "bleak"
+    backend: Backend = "bleak"
     """``bleak`` (BlueZ over D-Bus) or ``bumble`` (a controller Bumble drives directly)."""
-    transport: Annotated[str, AfterValidator(_non_empty)] | None = None
+    transport: str | None = None
     """Bumble transport moniker, e.g. ``tcp-client:127.0.0.1:5555`` or ``usb:0``; bumble only."""
-    adapter: Annotated[str, AfterValidator(_non_empty)] | None = None
+    adapter: str | None = None
     """BlueZ adapter for bleak, e.g. ``hci0``; None for the system's default adapter."""
-    mtu: Annotated[int, Field(ge=23, le=517)] = 517
+    mtu: int = 517
     """Largest ATT MTU to negotiate."""
     connect_timeout: Duration = 10.0
     """From the connect call to an established, subscribed link."""
 
-    @model_validator(mode="after")
-    def _check_backend(self) -> Self:
-        _raise_problems(_radio_presence(dict(self)))
-        return self
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """The ``[radio]`` table."""
+        settings = cls(
+            backend=fields.get("backend", _backend, "bleak"),
+            transport=fields.get("transport", _NON_EMPTY, None),
+            adapter=fields.get("adapter", _NON_EMPTY, None),
+            mtu=fields.get("mtu", integer(23, 517), 517),
+            connect_timeout=fields.get("connect_timeout", _duration, 10.0),
+        )
+        # Which keys belong to which backend is a matter of presence, so it is reported
+        # even when the values themselves are wrong; it needs a backend that was read.
+        if fields.valid("backend"):
+            if settings.backend == "bumble":
+                if not fields.has("transport"):
+                    fields.problem("transport", "required when backend = 'bumble'")
+                if fields.has("adapter"):
+                    fields.problem(
+                        "adapter",
+                        "only used with backend = 'bleak'; use transport",
+                        fields.data["adapter"],
+                    )
+            elif fields.has("transport"):
+                fields.problem(
+                    "transport",
+                    "only used with backend = 'bumble'; use adapter",
+                    fields.data["transport"],
+                )
+        return settings
 
 
-class SchedulerSettings(_Section):
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerSettings:
     """``[scheduler]``: how devices are visited."""
 
-    slots: Annotated[int, Field(ge=1, le=16)] = 5
+    slots: int = 5
     """Radio sessions at once (the controller's connection limit bounds it)."""
     unreachable_after: Duration = 6 * _HOUR
     """A device not heard for this long is reported unreachable."""
@@ -460,98 +464,158 @@ class SchedulerSettings(_Section):
     max_session: Duration = 60.0
     """Hard limit on one session, so one device cannot hold a slot."""
 
-    @model_validator(mode="after")
-    def _check_order(self) -> Self:
-        problems: list[_Problem] = []
-        if self.backoff_initial > self.backoff_max:
-            problems.append(
-                ("backoff_initial", "must not exceed backoff_max", self.backoff_initial)
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """The ``[scheduler]`` table."""
+        settings = cls(
+            slots=fields.get("slots", integer(1, 16), 5),
+            unreachable_after=fields.get("unreachable_after", _duration, 6 * _HOUR),
+            backoff_initial=fields.get("backoff_initial", _duration, 5.0),
+            backoff_max=fields.get("backoff_max", _duration, 10 * _MINUTE),
+            routine_interval=fields.get("routine_interval", _duration, 12 * _HOUR),
+            status_interval=fields.get("status_interval", _duration, 5 * _MINUTE),
+            session_idle_timeout=fields.get("session_idle_timeout", _duration, 2.0),
+            max_session=fields.get("max_session", _duration, 60.0),
+        )
+        if (
+            fields.valid("backoff_initial", "backoff_max")
+            and settings.backoff_initial > settings.backoff_max
+        ):
+            fields.problem(
+                "backoff_initial", "must not exceed backoff_max", settings.backoff_initial
             )
-        if self.session_idle_timeout > self.max_session:
-            problems.append(
-                ("session_idle_timeout", "must not exceed max_session", self.session_idle_timeout)
+        if (
+            fields.valid("session_idle_timeout", "max_session")
+            and settings.session_idle_timeout > settings.max_session
+        ):
+            fields.problem(
+                "session_idle_timeout",
+                "must not exceed max_session",
+                settings.session_idle_timeout,
             )
-        _raise_problems(problems)
-        return self
+        return settings
 
 
-class LogSettings(_Section):
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LogSettings:
     """``[log]``: collection of the devices' event logs."""
 
-    batch_size: Annotated[int, Field(ge=1, le=1000)] = 500
+    batch_size: int = 500
     """Records asked for per log batch."""
     retention: Duration = 30 * _DAY
     """Published events are kept locally this long, then pruned."""
     clock_drift_threshold: Duration = 30.0
     """A device clock further off than this is corrected (and reported)."""
 
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """The ``[log]`` table."""
+        return cls(
+            batch_size=fields.get("batch_size", integer(1, 1000), 500),
+            retention=fields.get("retention", _duration, 30 * _DAY),
+            clock_drift_threshold=fields.get("clock_drift_threshold", _duration, 30.0),
+        )
 
-class MqttSettings(_Section):
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class MqttSettings:
     """``[mqtt]``: the connection to the registry's broker."""
 
-    host: Annotated[str, AfterValidator(_non_empty)]
+    host: str
     """Broker host name or address."""
-    port: Annotated[int, Field(ge=1, le=65535)]
+    port: int
     """Broker port; defaults to 8883 with TLS and 1883 without."""
     tls: bool = True
     """TLS with a client certificate; turn off only for a broker on the same host."""
-    ca_file: ReadableFile | None = None
+    ca_file: Path | None = None
     """CA bundle the broker's certificate must chain to (required with tls)."""
-    cert_file: ReadableFile | None = None
+    cert_file: Path | None = None
     """The gateway's client certificate, PEM (required with tls)."""
-    key_file: ReadableFile | None = None
+    key_file: Path | None = None
     """Private key of cert_file, PEM (required with tls)."""
-    username: Annotated[str, AfterValidator(_non_empty)] | None = None
+    username: str | None = None
     """Optional user name, for brokers that want one on top of the certificate."""
-    password: SecretStr | None = None
+    password: Secret | None = None
     """Optional password; requires username. Never logged or echoed."""
-    client_id: Annotated[str, AfterValidator(_non_empty), Field(max_length=256)]
+    client_id: str
     """MQTT client id; defaults to ``lockgw-<gateway id>`` (a stable id keeps the session)."""
-    prefix: Annotated[str, AfterValidator(_mqtt_prefix)] = "lockgw"
+    prefix: str = "lockgw"
     """First topic level of everything the gateway publishes and subscribes to."""
-    protocol: Annotated[Literal["5", "3.1.1"], BeforeValidator(_mqtt_protocol)] = "5"
+    protocol: MqttProtocol = "5"
     """MQTT protocol version."""
-    keepalive: Annotated[Duration, AfterValidator(_keepalive)] = 30.0
+    keepalive: Duration = 30.0
     """MQTT keep-alive; whole seconds, at most 65535."""
     reconnect_min: Duration = 1.0
     """First wait before reconnecting; doubles up to reconnect_max."""
     reconnect_max: Duration = 60.0
     """Longest wait between reconnection attempts."""
-    publish_batch: Annotated[int, Field(ge=1, le=10_000)] = 100
+    publish_batch: int = 100
     """Outbox messages in flight at once."""
 
-    @model_validator(mode="before")
     @classmethod
-    def _default_port(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and "port" not in data:
-            # Anything but an explicit false keeps TLS on (a wrong type is reported on tls).
-            return {**data, "port": 1883 if data.get("tls", True) is False else 8883}
-        return data
+    def read(cls, fields: Fields, *, base_dir: Path, default_client_id: str) -> Self:
+        """The ``[mqtt]`` table; relative paths resolve against ``base_dir``."""
+        readable = _path(base_dir, _readable_file)
+        # Anything but an explicit false keeps TLS on (a wrong type is reported on tls).
+        default_port = 1883 if fields.data.get("tls", True) is False else 8883
+        settings = cls(
+            host=fields.get("host", _NON_EMPTY),
+            port=fields.get("port", integer(1, 65535), default_port),
+            tls=fields.get("tls", boolean, True),
+            ca_file=fields.get("ca_file", readable, None),
+            cert_file=fields.get("cert_file", readable, None),
+            key_file=fields.get("key_file", readable, None),
+            username=fields.get("username", _NON_EMPTY, None),
+            password=fields.get("password", _secret, None),
+            client_id=fields.get("client_id", _non_empty(max_length=256), default_client_id),
+            prefix=fields.get("prefix", _mqtt_prefix, "lockgw"),
+            protocol=fields.get("protocol", _mqtt_protocol, "5"),
+            keepalive=fields.get("keepalive", _keepalive, 30.0),
+            reconnect_min=fields.get("reconnect_min", _duration, 1.0),
+            reconnect_max=fields.get("reconnect_max", _duration, 60.0),
+            publish_batch=fields.get("publish_batch", integer(1, 10_000), 100),
+        )
+        # Which keys are needed together is a matter of presence, reported even when
+        # their values are wrong, as long as tls itself was read.
+        if fields.valid("tls") and settings.tls:
+            for name in ("ca_file", "cert_file", "key_file"):
+                if not fields.has(name):
+                    fields.problem(name, "required when tls = true")
+        if fields.has("password") and not fields.has("username"):
+            fields.problem("username", "required when a password is set")
+        if (
+            fields.valid("reconnect_min", "reconnect_max")
+            and settings.reconnect_min > settings.reconnect_max
+        ):
+            fields.problem("reconnect_min", "must not exceed reconnect_max", settings.reconnect_min)
+        return settings
 
-    @model_validator(mode="after")
-    def _check_tls(self) -> Self:
-        problems = _mqtt_presence(dict(self))
-        if self.reconnect_min > self.reconnect_max:
-            problems.append(("reconnect_min", "must not exceed reconnect_max", self.reconnect_min))
-        _raise_problems(problems)
-        return self
 
-
-class LoggingSettings(_Section):
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LoggingSettings:
     """``[logging]``: the daemon's own log output (stderr, i.e. the journal)."""
 
-    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
+    level: LogLevel = "info"
     """Least severe level written; third-party libraries stay at warning unless debug."""
-    format: Literal["auto", "json", "console"] = "auto"
+    format: LogFormat = "auto"
     """``json`` lines, ``console`` for people, ``auto``: console on a terminal, json otherwise."""
 
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """The ``[logging]`` table; the level in any case."""
+        return cls(
+            level=fields.get("level", _log_level, "info"),
+            format=fields.get("format", _log_format, "auto"),
+        )
 
-class MetricsSettings(_Section):
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSettings:
     """``[metrics]``: the Prometheus endpoint."""
 
     enabled: bool = True
     """Serve /metrics and /healthz."""
-    listen: Annotated[str, AfterValidator(_listen)] = DEFAULT_METRICS_LISTEN
+    listen: str = DEFAULT_METRICS_LISTEN
     """``host:port`` to listen on; IPv6 in brackets."""
 
     @property
@@ -564,8 +628,17 @@ class MetricsSettings(_Section):
         """The port part of :attr:`listen`."""
         return split_host_port(self.listen)[1]
 
+    @classmethod
+    def read(cls, fields: Fields) -> Self:
+        """The ``[metrics]`` table."""
+        return cls(
+            enabled=fields.get("enabled", boolean, True),
+            listen=fields.get("listen", _listen, DEFAULT_METRICS_LISTEN),
+        )
 
-class Settings(_Section):
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
     """Everything the daemon is configured with; the root of the TOML file."""
 
     gateway: GatewaySettings
@@ -576,23 +649,39 @@ class Settings(_Section):
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
 
-    @model_validator(mode="before")
     @classmethod
-    def _default_client_id(cls, data: Any) -> Any:
-        # The client id defaults to one derived from the gateway id, which lives in another
-        # section; fill it in before the sections are validated.
-        if not isinstance(data, Mapping):
-            return data
-        gateway, mqtt = data.get("gateway"), data.get("mqtt")
-        if not isinstance(mqtt, Mapping) or "client_id" in mqtt:
-            return data
-        gateway_id = gateway.get("id") if isinstance(gateway, Mapping) else None
-        if isinstance(gateway_id, str) and _GATEWAY_ID_RE.fullmatch(gateway_id):
-            client_id = f"lockgw-{gateway_id}"
-        else:
-            # gateway.id is reported on its own; a stand-in keeps that the only complaint.
-            client_id = "lockgw"
-        return {**data, "mqtt": {**mqtt, "client_id": client_id}}
+    def read(cls, fields: Fields, *, base_dir: Path) -> Self:
+        """Every section of the parsed file; the caller reports unknown top-level keys
+        (:meth:`Fields.finish`). Relative paths resolve against ``base_dir``."""
+        client_id = _default_client_id(fields.data)
+        return cls(
+            gateway=fields.table(
+                "gateway", lambda section: GatewaySettings.read(section, base_dir=base_dir)
+            ),
+            radio=fields.table("radio", RadioSettings.read, optional=True),
+            scheduler=fields.table("scheduler", SchedulerSettings.read, optional=True),
+            log=fields.table("log", LogSettings.read, optional=True),
+            mqtt=fields.table(
+                "mqtt",
+                lambda section: MqttSettings.read(
+                    section, base_dir=base_dir, default_client_id=client_id
+                ),
+            ),
+            logging=fields.table("logging", LoggingSettings.read, optional=True),
+            metrics=fields.table("metrics", MetricsSettings.read, optional=True),
+        )
+
+
+def _default_client_id(data: Mapping[str, object]) -> str:
+    """``lockgw-<gateway id>``, from the raw file: the id lives in another section."""
+    gateway = data.get("gateway")
+    if isinstance(gateway, Mapping):
+        try:
+            return f"lockgw-{_gateway_id(gateway.get('id'))}"
+        except Invalid:
+            pass
+    # gateway.id is reported on its own; a stand-in keeps that the only complaint.
+    return "lockgw"
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,13 +694,6 @@ _SECRET_FIELD_RE: Final = re.compile(r"pass|secret|token|psk|private|(^|_)key($|
 
 _MAX_SHOWN: Final = 80
 
-_REASONS: Final[Mapping[str, str]] = {
-    "extra_forbidden": "unknown key (see config/gateway.example.toml for the valid keys)",
-    "missing": "required",
-    "model_type": "must be a table",
-    "model_attributes_type": "must be a table",
-}
-
 
 def _is_secret_field(loc: Sequence[int | str]) -> bool:
     return any(isinstance(part, str) and _SECRET_FIELD_RE.search(part.lower()) for part in loc)
@@ -620,16 +702,14 @@ def _is_secret_field(loc: Sequence[int | str]) -> bool:
 def _show(value: object) -> str:
     """A TOML-flavoured, truncated rendering of a value; tables are never expanded, since
     they may hold a secret under another name."""
-    if value is _NOTHING:
+    if value is NOTHING:
         return "nothing"
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, Mapping):
         return "a table"
-    elif isinstance(value, SecretStr):
+    elif isinstance(value, Secret):
         return "[redacted]"
-    elif isinstance(value, Path):
-        text = repr(str(value))
     elif isinstance(value, float) and value.is_integer():
         text = str(int(value))
     else:
@@ -637,46 +717,10 @@ def _show(value: object) -> str:
     return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
 
 
-def _dotted(loc: Sequence[int | str]) -> str:
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else part
-    return text or "(top level)"
-
-
-def _problem_line(path: Path, loc: Sequence[int | str], reason: str, value: object) -> str:
-    secret = _is_secret_field(loc) and value is not _NOTHING
-    return f"{path}: {_dotted(loc)}: {reason} (got {'[redacted]' if secret else _show(value)})"
-
-
-def _format_errors(path: Path, error: ValidationError, data: Mapping[str, object]) -> list[str]:
-    lines: list[str] = []
-    failed_sections: set[str] = set()
-    for item in error.errors(include_url=False):
-        loc = tuple(item["loc"])
-        if item["type"] == _CROSS_FIELD:
-            lines.extend(
-                _problem_line(path, (*loc, field), reason, value)
-                for field, reason, value in item["ctx"]["problems"]
-            )
-            continue
-        if loc and isinstance(loc[0], str):
-            failed_sections.add(loc[0])
-        value = _NOTHING if item["type"] == "missing" else item.get("input")
-        lines.append(_problem_line(path, loc, _REASONS.get(item["type"], item["msg"]), value))
-    # A section with field errors never reached its model validator; check the keys that
-    # belong together on its raw table, so those problems are not left for the next round.
-    for section in sorted(failed_sections & _PRESENCE_CHECKS.keys()):
-        raw = data.get(section)
-        if isinstance(raw, Mapping):
-            lines.extend(
-                _problem_line(path, (section, field), reason, value)
-                for field, reason, value in _PRESENCE_CHECKS[section](raw)
-            )
-    return list(dict.fromkeys(lines))  # the same line twice says nothing new
+def _problem_line(path: Path, problem: Problem) -> str:
+    secret = _is_secret_field(problem.location) and problem.value is not NOTHING
+    shown = "[redacted]" if secret else _show(problem.value)
+    return f"{path}: {problem.dotted}: {problem.reason} (got {shown})"
 
 
 def load_config(path: Path) -> Settings:
@@ -701,9 +745,13 @@ def load_config(path: Path) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         # The message carries the position: "Expected '=' ... (at line 3, column 7)".
         raise ConfigError([f"{path}: TOML syntax error: {exc}"]) from exc
-    try:
-        return Settings.model_validate(data, context={"base_dir": path.parent.absolute()})
-    except ValidationError as exc:
-        # "from None": pydantic's own rendering of the error shows raw input values,
-        # the MQTT password among them, and a traceback must not carry it to the journal.
-        raise ConfigError(_format_errors(path, exc, data)) from None
+    fields = Fields(data, unknown=_UNKNOWN_KEY)
+    settings = Settings.read(fields, base_dir=path.parent.absolute())
+    fields.finish()
+    if fields.problems:
+        # The same line twice says nothing new.
+        lines = dict.fromkeys(_problem_line(path, problem) for problem in fields.problems)
+        # "from None": nothing that carries raw values (the MQTT password among them) may
+        # ride along on the exception to a traceback in the journal.
+        raise ConfigError(list(lines)) from None
+    return settings

@@ -7,6 +7,7 @@ commands signed as the reference registry signs them, and forged every way we kn
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -20,7 +21,6 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from pydantic import ValidationError
 
 from gateway.commands import (
     MAX_COMMAND_LIFETIME,
@@ -29,6 +29,7 @@ from gateway.commands import (
     Command,
     CommandError,
     CommandVerifier,
+    DeclineArgs,
     DecommissionArgs,
     ErrorCode,
     GetStateArgs,
@@ -36,12 +37,18 @@ from gateway.commands import (
     RegisterArgs,
     RevokeArgs,
     SetAccessArgs,
+    TargetArgs,
     TimeSyncArgs,
     sign_command,
 )
+from gateway.fields import Fields
 from gateway.store import Store
 from gateway.worker import BlockingWorker
 from protocols.envelopes import (
+    MAX_ACCESS_ENTRIES,
+    MAX_REMOVED_KEYS,
+    MAX_REVOCATIONS,
+    MAX_WINDOWS,
     Role,
     Scope,
     TargetKind,
@@ -194,14 +201,17 @@ async def test_every_operation_verifies_into_its_model(
         ("decommission", {"device_id": DEVICE, "reason": "x", "force": "yes"}),
     ],
 )
-def test_the_schema_and_the_models_agree_on_bad_args(
-    op: str, args: dict[str, Any], registry: Registry, schemas: Schemas
+async def test_the_schema_and_the_models_agree_on_bad_args(
+    op: str, args: dict[str, Any], registry: Registry, verifier: CommandVerifier, schemas: Schemas
 ) -> None:
     # One known difference: JSON Schema counts 1.0 as an integer, the gateway does not
     # ("exp a float" among the refusals).
     assert not schemas.is_valid("command-claims", registry.claims(op, args))
-    with pytest.raises(ValidationError):
-        OPERATIONS[op].model_validate_json(json.dumps(args))
+    fields = Fields(args)
+    OPERATIONS[op].read(fields)
+    fields.finish()
+    assert fields.problems
+    assert (await refusal(verifier, registry.command(op, args))).code == "bad_args"
 
 
 async def test_revoke_builds_the_revocation_update(
@@ -637,6 +647,378 @@ async def test_the_scope_of_the_registry_certificate_binds(
     device = bytes.fromhex(DEVICE)
     assert command.covers(device, 4711)
     assert not command.covers(device, 4712)
+
+
+# ------------------------------------------------------------------- what refusals say
+
+WINDOW: dict[str, Any] = {"days": ["mon"], "start": "07:00", "end": "15:30"}
+
+
+def access_with(**entry: Any) -> dict[str, Any]:
+    """set_access arguments whose one entry has ``entry`` changed."""
+    (original,) = SET_ACCESS_ARGS["entries"]
+    return {**SET_ACCESS_ARGS, "entries": [{**original, **entry}]}
+
+
+BAD_ARGS_MESSAGES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "a string for an integer": (
+        "pull_logs",
+        {"device_id": DEVICE, "from": "1", "to": 3},
+        "args.from: must be an integer from 0 to 4294967295",
+    ),
+    "a float for an integer": (
+        "pull_logs",
+        {"device_id": DEVICE, "from": 1.0, "to": 3},
+        "args.from: must be an integer from 0 to 4294967295",
+    ),
+    "above u32": (
+        "pull_logs",
+        {"device_id": DEVICE, "from": 1, "to": 2**32},
+        "args.to: must be an integer from 0 to 4294967295",
+    ),
+    "a required key left out": (
+        "register",
+        {"device_id": DEVICE, "work_order": "w"},
+        ("args.consent_reference: required"),
+    ),
+    "device_id required even though it may be null": (
+        "get_state",
+        {},
+        "args.device_id: required",
+    ),
+    "an unknown key": (
+        "get_state",
+        {"device_id": DEVICE, "all": True},
+        "args.all: unknown key",
+    ),
+    "an unknown key in a nested table": (
+        "revoke",
+        {**REVOKE_ARGS, "target": {"kind": "fleet", "site": 1}},
+        "args.target.site: unknown key",
+    ),
+    "an unknown key deep in arrays of tables": (
+        "set_access",
+        access_with(windows=[WINDOW, {**WINDOW, "days": ["tue"], "extra": 1}]),
+        "args.entries[0].windows[1].extra: unknown key",
+    ),
+    "a bad value deep in arrays of tables": (
+        "set_access",
+        access_with(windows=[WINDOW, {**WINDOW, "start": "24:30"}]),
+        "args.entries[0].windows[1].start: must be a time HH:MM from 00:00 to 24:00",
+    ),
+    "a bad item of an array": (
+        "set_access",
+        {**SET_ACCESS_ARGS, "removed": [9, 0]},
+        "args.removed[1]: must be an integer from 1 to 4294967295",
+    ),
+    "a day not in lower case": (
+        "set_access",
+        access_with(windows=[{**WINDOW, "days": ["Mon"]}]),
+        (
+            "args.entries[0].windows[0].days[0]: must be 'mon', 'tue', 'wed', 'thu', 'fri', "
+            "'sat' or 'sun'"
+        ),
+    ),
+    "no days": (
+        "set_access",
+        access_with(windows=[{**WINDOW, "days": []}]),
+        "args.entries[0].windows[0].days: must have 1 to 7 items",
+    ),
+    "repeated days": (
+        "set_access",
+        access_with(windows=[{**WINDOW, "days": ["mon", "tue", "mon"]}]),
+        "args.entries[0].windows[0]: days repeat",
+    ),
+    "a window across midnight": (
+        "set_access",
+        access_with(windows=[{**WINDOW, "start": "22:00", "end": "06:00"}]),
+        "args.entries[0].windows[0]: start must be before end (split windows that cross midnight)",
+    ),
+    "too many windows": (
+        "set_access",
+        access_with(windows=[WINDOW] * (MAX_WINDOWS + 1)),
+        f"args.entries[0].windows: must have 1 to {MAX_WINDOWS} items",
+    ),
+    "no windows": (
+        "set_access",
+        access_with(windows=[]),
+        (f"args.entries[0].windows: must have 1 to {MAX_WINDOWS} items"),
+    ),
+    "an entry ending before it starts": (
+        "set_access",
+        access_with(valid_from=NOW, valid_until=NOW),
+        "args.entries[0]: valid_from must be before valid_until",
+    ),
+    "a table that is not one": (
+        "revoke",
+        {**REVOKE_ARGS, "revocations": [7]},
+        "args.revocations[0]: must be a table",
+    ),
+    "a site target without its site": (
+        "revoke",
+        {**REVOKE_ARGS, "target": {"kind": "site"}},
+        "args.target: a site target names site_id and nothing else",
+    ),
+    "a device target naming a site": (
+        "revoke",
+        {**REVOKE_ARGS, "target": {"kind": "device", "device_id": DEVICE, "site_id": 1}},
+        "args.target: a device target names device_id and nothing else",
+    ),
+    "a fleet target naming a device": (
+        "revoke",
+        {**REVOKE_ARGS, "target": {"kind": "fleet", "device_id": DEVICE}},
+        "args.target: a fleet target names no site or device",
+    ),
+    "access for the fleet": (
+        "set_access",
+        {**SET_ACCESS_ARGS, "target": {"kind": "fleet"}},
+        "args: access lists are for a site or a device, never the fleet",
+    ),
+    "a full list on a base version": (
+        "set_access",
+        {**SET_ACCESS_ARGS, "mode": "full", "removed": []},
+        "args: a full list has base_version 0 and removes nothing",
+    ),
+    "a delta not above its base": (
+        "set_access",
+        {**SET_ACCESS_ARGS, "base_version": 12},
+        "args: a delta's version must be above its base_version",
+    ),
+    "from after to": (
+        "pull_logs",
+        {"device_id": DEVICE, "from": 9, "to": 3},
+        "args: from must not be after to",
+    ),
+    "the attribute's name for the key from": (
+        "pull_logs",
+        {"device_id": DEVICE, "time_from": 1, "to": 3},
+        "args.from: required (and 1 more)",
+    ),
+    # A cross-field check waits for its fields: no "(and 1 more)" about the order.
+    "a cross-field check after a bad field": (
+        "pull_logs",
+        {"device_id": DEVICE, "from": "9", "to": 3},
+        "args.from: must be an integer from 0 to 4294967295",
+    ),
+    "a cross-field check after a bad nested table": (
+        "set_access",
+        {**SET_ACCESS_ARGS, "target": {"kind": "fleet", "site_id": "1"}},
+        "args.target.site_id: must be an integer from 0 to 4294967295",
+    ),
+    "several problems": (
+        "pull_logs",
+        {"device_id": "x", "from": True, "to": None, "all": 1},
+        "args.device_id: must be 16 lower-case hex digits (and 3 more)",
+    ),
+    "true for a boolean's place taken by a string": (
+        "decommission",
+        {"device_id": DEVICE, "reason": "moved out", "force": "true"},
+        "args.force: must be true or false",
+    ),
+    "null for a list": (
+        "decline",
+        {"request_id": "ab" * 16, "reason": "needed", "needed_by": None},
+        "args.needed_by: must be an array",
+    ),
+    "too many needed_by": (
+        "decline",
+        {"request_id": "ab" * 16, "reason": "needed", "needed_by": ["x"] * 33},
+        "args.needed_by: must have at most 32 items",
+    ),
+    "an unknown key with a newline": (
+        "get_state",
+        {"device_id": DEVICE, "a\nb": 1},
+        "'args.a\\nb': unknown key",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGS_MESSAGES))
+async def test_bad_args_name_the_first_problem_and_count_the_rest(
+    case: str, registry: Registry, verifier: CommandVerifier
+) -> None:
+    op, args, message = BAD_ARGS_MESSAGES[case]
+    error = await refusal(verifier, registry.command(op, args))
+    assert (error.code, error.message) == ("bad_args", message)
+
+
+async def test_refusals_never_show_the_value(registry: Registry, verifier: CommandVerifier) -> None:
+    sent = "sent-value-never-echoed"
+    for op, args in (
+        ("get_state", {"device_id": sent}),
+        ("get_state", {"device_id": DEVICE, "extra": sent}),
+        ("register", {"device_id": DEVICE, "work_order": sent + "\n", "consent_reference": "c"}),
+        ("revoke", {**REVOKE_ARGS, "target": {"kind": sent}}),
+    ):
+        error = await refusal(verifier, registry.command(op, args))
+        assert error.code == "bad_args"
+        assert sent not in error.message, error.message
+    error = await refusal(verifier, registry.sign(registry.claims(gateway="x" * 65)))
+    assert (error.code, error.message) == (
+        "malformed",
+        "claims.gateway: must be 1 to 64 characters",
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"args": []}, "claims.args: must be a JSON object"),
+        ({"args": "device_id"}, "claims.args: must be a JSON object"),
+        (
+            {"iat": "1", "exp": 2.0},
+            "claims.iat: must be an integer from 0 to 4294967295 (and 1 more)",
+        ),
+        ({"gateway": ""}, "claims.gateway: must be 1 to 64 characters"),
+        ({"op": "Get State"}, "claims.op: must be a-z and _, starting with a letter, at most 32"),
+        (
+            {"jti": "a b" * 8},
+            "claims.jti: must be 16 to 64 printable ASCII characters, no spaces",
+        ),
+        ({"nbf": NOW}, "claims.nbf: unknown key"),
+    ],
+)
+async def test_malformed_claims_name_the_first_problem(
+    overrides: dict[str, Any], message: str, registry: Registry, verifier: CommandVerifier
+) -> None:
+    error = await refusal(verifier, registry.sign(registry.claims(**overrides)))
+    assert (error.code, error.message) == ("malformed", message)
+
+
+async def test_missing_claims_are_each_required(
+    registry: Registry, verifier: CommandVerifier
+) -> None:
+    claims = {"op": "get_state", "args": {"device_id": None}}
+    error = await refusal(verifier, ed25519_token(registry, header(registry), claims))
+    assert (error.code, error.message) == ("malformed", "claims.id: required (and 4 more)")
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "expected"),
+    [
+        ("time_sync", {"device_id": None}, TimeSyncArgs(device_id=None)),
+        ("time_sync", {"device_id": DEVICE}, TimeSyncArgs(device_id=DEVICE)),
+        ("get_state", {"device_id": None}, GetStateArgs(device_id=None)),
+        (
+            "pull_logs",
+            {"device_id": DEVICE, "from": 5, "to": 5},
+            PullLogsArgs(device_id=DEVICE, time_from=5, time_to=5),
+        ),
+        (
+            "decommission",
+            {"device_id": DEVICE, "reason": "moved out", "force": True, "request_id": None},
+            DecommissionArgs(device_id=DEVICE, reason="moved out", force=True),
+        ),
+        (
+            "decommission",
+            {"device_id": DEVICE, "reason": "moved out", "force": False, "request_id": "ab" * 16},
+            DecommissionArgs(
+                device_id=DEVICE, reason="moved out", force=False, request_id="ab" * 16
+            ),
+        ),
+        (
+            "decline",
+            {"request_id": "ab" * 16, "reason": "needed"},
+            DeclineArgs(request_id="ab" * 16, reason="needed", needed_by=()),
+        ),
+        (
+            "decline",
+            {"request_id": "ab" * 16, "reason": "needed", "needed_by": ["home-nursing"]},
+            DeclineArgs(request_id="ab" * 16, reason="needed", needed_by=("home-nursing",)),
+        ),
+    ],
+)
+async def test_arguments_read_into_their_values(
+    op: str, args: dict[str, Any], expected: object, registry: Registry, verifier: CommandVerifier
+) -> None:
+    command = await verifier.verify(registry.command(op, args), fleet=False)
+    assert command.args == expected
+
+
+async def test_target_ids_may_be_null_when_not_needed(
+    registry: Registry, verifier: CommandVerifier
+) -> None:
+    args = {**SET_ACCESS_ARGS, "target": {"kind": "site", "site_id": 4711, "device_id": None}}
+    command = await verifier.verify(registry.command("set_access", args), fleet=False)
+    assert isinstance(command.args, SetAccessArgs)
+    assert command.args.target == TargetArgs(kind="site", site_id=4711)
+    fleet = {**REVOKE_ARGS, "target": {"kind": "fleet", "site_id": None, "device_id": None}}
+    command = await verifier.verify(registry.command("revoke", fleet), fleet=False)
+    assert isinstance(command.args, RevokeArgs)
+    assert command.args.target == TargetArgs(kind="fleet")
+
+
+async def test_arguments_are_immutable_tuples(
+    registry: Registry, verifier: CommandVerifier
+) -> None:
+    command = await verifier.verify(registry.command("set_access", SET_ACCESS_ARGS), fleet=False)
+    args = command.args
+    assert isinstance(args, SetAccessArgs)
+    (entry,) = args.entries
+    assert entry.windows[0].days == ("mon", "tue", "fri")
+    assert args.removed == (9, 10)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        args.mode = "full"  # type: ignore[misc]  # frozen on purpose
+
+
+async def test_lone_surrogates_are_refused(registry: Registry, verifier: CommandVerifier) -> None:
+    # JSON escapes can spell them; no UTF-8 log line or response can hold them.
+    args = {"device_id": DEVICE, "work_order": "wo-\ud800", "consent_reference": "c"}
+    claims = registry.claims("register", args)
+    error = await refusal(verifier, ed25519_token(registry, header(registry), claims))
+    assert (error.code, error.message) == (
+        "bad_args",
+        "args.work_order: must be valid Unicode (no lone surrogates)",
+    )
+    claims = registry.claims(id="c-\udfff")
+    error = await refusal(verifier, ed25519_token(registry, header(registry), claims))
+    assert (error.code, error.message) == (
+        "malformed",
+        "claims.id: must be valid Unicode (no lone surrogates)",
+    )
+    assert error.command_id is None  # not echoed: a UTF-8 response could not carry it
+
+
+def test_array_lengths_are_limited() -> None:
+    # Too large for a command payload, so read directly.
+    revocations = [{"key_id": 1, "prune_after": 1}] * (MAX_REVOCATIONS + 1)
+    fields = Fields({**REVOKE_ARGS, "revocations": revocations})
+    RevokeArgs.read(fields)
+    assert [(problem.dotted, problem.reason) for problem in fields.problems] == [
+        ("revocations", f"must have at most {MAX_REVOCATIONS} items")
+    ]
+    fields = Fields({**SET_ACCESS_ARGS, "removed": [1] * (MAX_REMOVED_KEYS + 1)})
+    SetAccessArgs.read(fields)
+    assert [(problem.dotted, problem.reason) for problem in fields.problems] == [
+        ("removed", f"must have at most {MAX_REMOVED_KEYS} items")
+    ]
+    entries = [SET_ACCESS_ARGS["entries"][0]] * (MAX_ACCESS_ENTRIES + 1)
+    fields = Fields({**SET_ACCESS_ARGS, "entries": entries})
+    SetAccessArgs.read(fields)
+    assert [(problem.dotted, problem.reason) for problem in fields.problems] == [
+        ("entries", f"must have at most {MAX_ACCESS_ENTRIES} items")
+    ]
+
+
+def test_reading_records_every_problem_with_its_place() -> None:
+    fields = Fields(
+        {
+            **SET_ACCESS_ARGS,
+            "version": True,
+            "entries": [{"key_id": 0, "valid_from": 1, "valid_until": 2, "windows": [{}]}],
+            "surplus": 1,
+        }
+    )
+    SetAccessArgs.read(fields)
+    fields.finish()
+    assert [problem.dotted for problem in fields.problems] == [
+        "version",
+        "entries[0].key_id",
+        "entries[0].windows[0].days",
+        "entries[0].windows[0].start",
+        "entries[0].windows[0].end",
+        "surplus",
+    ]
 
 
 # -------------------------------------------------------------------------- the order

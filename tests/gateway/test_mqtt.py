@@ -18,14 +18,14 @@ import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Self
 
 import aiomqtt
 import pytest
 
-from gateway.commands import Command, CommandError, CommandVerifier
+from gateway.commands import Command, CommandError, CommandVerifier, PullLogsArgs
 from gateway.mqtt import (
     MAX_RESPONSE_SIZE,
     MqttBridge,
@@ -214,7 +214,15 @@ class Handler:
         self.calls.append(command)
         if self.answer is not None:
             return await self.answer(command)
-        return {"op": command.op, "args": command.args.model_dump(by_alias=True)}
+        return {"op": command.op, "args": sent_args(command)}
+
+
+def sent_args(command: Command) -> dict[str, Any]:
+    """The command's arguments under the keys the registry sent them with."""
+    args = asdict(command.args)
+    if isinstance(command.args, PullLogsArgs):
+        args["from"], args["to"] = args.pop("time_from"), args.pop("time_to")
+    return args
 
 
 class Bridges:
@@ -860,7 +868,7 @@ async def test_handler_failures_are_typed_responses_and_the_bridge_stays_up(
     mosquitto: Mosquitto, schemas: Schemas, registry: Registry, bridges: Bridges
 ) -> None:
     async def answer(command: Command) -> dict[str, Any]:
-        match command.args.model_dump().get("device_id"):
+        match getattr(command.args, "device_id", None):
             case "0000000000000001":
                 code, message = "unknown_device", "no such device"
                 raise CommandError(code, message)
