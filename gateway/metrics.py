@@ -20,7 +20,6 @@ for nothing. Requests are bounded in size (:data:`MAX_REQUEST_SIZE`), in time
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -40,6 +39,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from gateway import __version__
 from gateway.config import split_host_port
 from protocols.errors import ErrorCode
 
@@ -115,12 +115,9 @@ class Metrics:
     def __init__(
         self, *, version: str | None = None, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        """``version`` defaults to the installed lockgw's; ``clock`` measures the uptime."""
+        """``version`` defaults to this lockgw's; ``clock`` measures the uptime."""
         if version is None:
-            try:
-                version = importlib.metadata.version("lockgw")
-            except importlib.metadata.PackageNotFoundError:
-                version = "unknown"
+            version = __version__
         self.registry: Final = CollectorRegistry(auto_describe=True)
         registry = self.registry
         # Memory, CPU, open files and start time of the process (Linux /proc; nothing

@@ -58,7 +58,6 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
@@ -69,6 +68,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from gateway import __version__
 from gateway.cancellation import reraise_lost_cancellation
 from gateway.commands import MAX_COMMAND_SIZE, Command, CommandError, CommandVerifier, ErrorCode
 from gateway.store import OutboxMessage, OutboxRow, Store, StoreError
@@ -111,14 +111,7 @@ PENDING_PUBLISH_MARGIN: Final = 50
 retained state, responses and refusals that may overlap a drain)."""
 
 
-def _lockgw_version() -> str:
-    try:
-        return metadata.version("lockgw")
-    except metadata.PackageNotFoundError:  # running from a source tree without install
-        return "unknown"
-
-
-LOCKGW_VERSION: Final = _lockgw_version()
+LOCKGW_VERSION: Final = __version__
 
 
 # ----------------------------------------------------------------------------- settings
