@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,27 @@ def test_checker_sees_nested_and_aliased_imports(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     assert imported_roots(sample) == {"os", "asyncio", "bleak"}
+
+
+DAEMON_LEAVES_OUT = ("rich", "pydantic", "gateway.console", "simulators")
+"""What ``lockgw run`` must not load: the terminal UI (structlog would import rich for
+tracebacks the daemon does not use), a validation library (config and commands are read by
+gateway.fields), and the simulators."""
+
+
+def test_the_daemon_loads_only_what_it_runs(tmp_path: Path) -> None:
+    # `lockgw run` up to reading its configuration: every import of the daemon is done.
+    probe = (
+        "import sys\n"
+        "from gateway.cli import main\n"
+        f"main(['run', '--config', {str(tmp_path / 'missing.toml')!r}])\n"
+        "loaded = {name for name, module in sys.modules.items() if module is not None}\n"
+        "print(' '.join(sorted(loaded)))\n"
+    )
+    result = subprocess.run(  # noqa: S603 - our own interpreter and code
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    loaded = set(result.stdout.split())
+    assert {"gateway.app", "structlog", "aiomqtt"} <= loaded  # it got as far as the daemon
+    for name in DAEMON_LEAVES_OUT:
+        assert not [module for module in loaded if module == name or module.startswith(f"{name}.")]
