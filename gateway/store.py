@@ -1309,6 +1309,7 @@ def _configure(conn: sqlite3.Connection, path: str | os.PathLike[str]) -> None:
         (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA cache_size = -512")
     except sqlite3.Error as exc:
         msg = f"{path} is not a usable lockgw store: {exc}"
         raise StoreError(msg) from exc
