@@ -23,6 +23,8 @@ References are to the Bluetooth Core Specification 5.4 ("Core"):
   answers with an empty PDU (the acknowledgement).
 * Vol 6, Part B, 4.5.3: the first connection event after CONNECT_IND falls in the transmit
   window, 1.25 ms (transmitWindowDelay) plus transmitWindowOffset (0 .. connInterval) later.
+* Vol 6, Part B, 2.4.2 / 5.1.3.1: LL_TERMINATE_IND is a 2-octet control PDU (opcode and
+  error code); the central leaves the connection once the peripheral has acknowledged it.
 * Vol 6, Part B, 4.5.10: connMaxTxOctets 27 .. 251 (Data Length Extension).
 * Vol 6, Part B, 4.4.2.2.1: advInterval 20 ms .. 10.24 s (plus advDelay 0 .. 10 ms).
 * Vol 4, Part E, 7.8.12: one HCI_LE_Create_Connection may be pending in a controller at a
@@ -65,6 +67,8 @@ ACCESS_ADDRESS_OCTETS: Final = 4
 DATA_HEADER_OCTETS: Final = 2
 MIC_OCTETS: Final = 4
 CRC_OCTETS: Final = 3
+LL_TERMINATE_OCTETS: Final = 2
+"""LL_TERMINATE_IND's payload: opcode and error code (Core Vol 6 Part B 2.4.2)."""
 T_IFS: Final = 150e-6
 """Inter frame space, seconds (Core Vol 6 Part B 4.1.1)."""
 TRANSMIT_WINDOW_DELAY: Final = 1.25e-3
@@ -233,10 +237,17 @@ class BleTiming:
         events, offset = self._events(packets)
         return (events - 1) * self.connection_interval + offset
 
-    def session_time(self, exchanges: Sequence[tuple[int, int]]) -> float:
+    def session_time(
+        self, exchanges: Sequence[tuple[int, int]], *, terminate: bool = False
+    ) -> float:
         """Seconds for round trips of (bytes out, bytes in) once connected: the central
         sends its bytes, the device answers from the next event on, the next round trip
-        starts in the event after the answer. A direction with 0 bytes sends nothing."""
+        starts in the event after the answer. A direction with 0 bytes sends nothing.
+
+        With ``terminate``, until the connection is over and its slot free: the central's
+        LL_TERMINATE_IND goes out in the event after the last answer and counts once the
+        device has acknowledged it.
+        """
         event = 0  # index of the next event data may go out in
         end = 0.0
         for out_bytes, in_bytes in exchanges:
@@ -247,6 +258,8 @@ class BleTiming:
                 events, offset = self._events(packets)
                 end = (event + events - 1) * self.connection_interval + offset
                 event += events
+        if terminate:
+            end = event * self.connection_interval + self.packet_slot(LL_TERMINATE_OCTETS) - T_IFS
         return end
 
     def expected_advert_wait(self) -> float:
@@ -287,8 +300,11 @@ def sequence_bound(
       connection and waits half an interval on average
       (:meth:`BleTiming.expected_advert_wait`), as a central that picks devices without
       regard to their advertising phase does;
-    * the slots: each slot serves ``ceil(sessions / slots)`` sessions of set-up plus
-      ``session``, after the first advert wait.
+    * the slots: a slot, once free, waits for an advert before its next connection can be
+      set up, so it serves its sessions one after another as advert wait, set-up and
+      ``session`` (which should include the termination, see :meth:`BleTiming.session_time`);
+      with sessions of equal length the slots take the connections in turn, the i-th
+      connection falling to slot ``i mod slots``.
 
     The advert waits are expectations (the phases are random), so a measurement can come
     out slightly below; everything else is a lower bound.
@@ -313,7 +329,10 @@ def sequence_bound(
     else:
         waits = [interval / (waiting + 1) for waiting in range(sessions, 0, -1)]
     by_initiator = sum(waits) + sessions * setup + session
-    by_slots = math.ceil(sessions / slots) * (setup + session) + waits[0]
+    by_slots = max(
+        sum(waits[slot::slots]) + len(waits[slot::slots]) * (setup + session)
+        for slot in range(min(slots, sessions))
+    )
     return max(by_initiator, by_slots)
 
 

@@ -86,14 +86,31 @@ def test_session_time_answers_in_the_next_event() -> None:
 def test_sequence_bound_takes_the_busier_of_initiator_and_slots() -> None:
     # Targeted, initiator: 200 x (0.5 s advert wait + 31.25 ms set-up) + the last session.
     assert sequence_bound(TYPICAL_LOCK, 200, 5, 1.0, initiator="targeted") == pytest.approx(107.25)
-    # Targeted, slots: 2 sessions each of 8.75 ms set-up + 1 s, after a 50 ms advert wait.
-    assert sequence_bound(BEST_CASE, 10, 5, 1.0, initiator="targeted") == pytest.approx(2.0675)
+    # Targeted, slots: 2 sessions each of 50 ms advert wait + 8.75 ms set-up + 1 s.
+    assert sequence_bound(BEST_CASE, 10, 5, 1.0, initiator="targeted") == pytest.approx(2.1175)
     # Any: waits of 1/4, 1/3, 1/2 s for 3 devices; initiator 13/12 + 3 x 31.25 ms + 1 s.
-    # Slots (1 slot): 3 x 1.03125 s + 1/4 s = 3.34375 s, the larger.
-    assert sequence_bound(TYPICAL_LOCK, 3, 1, 1.0) == pytest.approx(3.34375)
-    # 3 slots: slots 1.03125 + 0.25; initiator 13/12 + 0.09375 + 1 = 2.1770833.
+    # Slots (1 slot): every wait, then 3 x 1.03125 s = 4.1770833, the larger.
+    assert sequence_bound(TYPICAL_LOCK, 3, 1, 1.0) == pytest.approx(13 / 12 + 3 * 1.03125)
+    # 3 slots: the busiest slot waits 1/2 s, then 1.03125 s; the initiator's 2.1770833 is more.
     assert sequence_bound(TYPICAL_LOCK, 3, 3, 1.0) == pytest.approx(13 / 12 + 0.09375 + 1.0)
     assert sequence_bound(TYPICAL_LOCK, 0, 5, 1.0) == 0.0
+
+
+def test_sequence_bound_slots_take_connections_in_turn() -> None:
+    # 4 devices, 2 slots: waits 1/5, 1/4, 1/3, 1/2 s; slot 0 takes the 1st and 3rd
+    # connection, slot 1 the 2nd and 4th (the busier: 3/4 s of waits and 2 sessions).
+    expected = 0.25 + 0.5 + 2 * (0.03125 + 1.0)
+    assert sequence_bound(TYPICAL_LOCK, 4, 2, 1.0) == pytest.approx(expected)
+    # Fewer sessions than slots: the busiest slot has the last (longest) wait.
+    assert sequence_bound(TYPICAL_LOCK, 1, 5, 1.0) == pytest.approx(0.5 + 0.03125 + 1.0)
+
+
+def test_termination_takes_the_event_after_the_last_answer() -> None:
+    # LL_TERMINATE_IND (2 octets: 96 us) + T_IFS + the empty acknowledgement (80 us).
+    terminate = (96 + 150 + 80) * US
+    assert TYPICAL_LOCK.session_time([], terminate=True) == pytest.approx(terminate)
+    # (1, 1): out in event 0, the answer in event 1, the termination in event 2.
+    assert TYPICAL_LOCK.session_time([(1, 1)], terminate=True) == pytest.approx(0.060 + terminate)
 
 
 def test_connect_times() -> None:
