@@ -243,8 +243,10 @@ async def test_the_simulator_process_pairs_takes_faults_and_saves(tmp_path: Path
 
 
 async def test_a_scenario_process_reports_progress() -> None:
+    # Two days: the first runs from the start time to midnight, which late in the evening
+    # may hold no visit at all; the second is a whole day of them.
     sim = await SimProcess.start(
-        "--scenario", "--seed", "4", "--residents", "2", "--speed", "20000", "--days", "1"
+        "--scenario", "--seed", "4", "--residents", "2", "--speed", "20000", "--days", "2"
     )
     try:
         kinds = {d["kind"] for d in sim.ready["devices"]}
