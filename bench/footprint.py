@@ -222,7 +222,7 @@ IMPORT_STAGES = (
     ("interpreter", ()),
     ("asyncio (with ssl)", ("asyncio", "ssl")),
     ("cryptography", ("cryptography.hazmat.primitives.asymmetric.ed25519",)),
-    ("pydantic, gateway.config", ("pydantic", "gateway.config")),
+    ("gateway.config (tomllib, gateway.fields)", ("gateway.config",)),
     ("structlog (and what it pulls in)", ("structlog",)),
     ("protocols (construct)", ("protocols.session", "protocols.logrecords")),
     ("gateway.store (sqlite3)", ("gateway.store",)),
@@ -236,6 +236,7 @@ IMPORT_STAGES = (
 
 _PROFILE_SCRIPT = """
 import importlib, json, sys, time, tracemalloc
+sys.modules.setdefault("rich", None)  # as `lockgw run` does (gateway.cli)
 stages = json.loads(sys.argv[1])
 trace = sys.argv[2] == "trace"
 def rss():
