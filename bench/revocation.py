@@ -185,9 +185,7 @@ async def fleet_revocation(
     interval, setup = timing.advertising_interval, timing.connection_setup
     earlier = max(
         rounds * (setup + traffic) + interval / (count + 1),
-        sum(interval / (waiting + 1) for waiting in range(count, 0, -1))
-        + count * setup
-        + traffic,
+        sum(interval / (waiting + 1) for waiting in range(count, 0, -1)) + count * setup + traffic,
     )
     notes = [
         (
