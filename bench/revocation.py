@@ -176,13 +176,13 @@ async def fleet_revocation(
     targeted = sequence_bound_of(timing, count, args.slots, session, initiator="targeted")
     durations = [t.ended - t.started for t in traces if t.ended is not None]
     rounds = -(-count // args.slots)
-    per_slot = rounds * (timing.connection_setup + session)
+    interval, setup = timing.advertising_interval, timing.connection_setup
+    per_slot = rounds * (setup + session)
     # The bound as first written: no advert wait between a slot's sessions (only before
     # the first) and sessions ending at their last PDU, not at the termination.
     traffic = statistics.mean(
         timing.session_time(exchanges_from_trace(trace.pdus)) for trace in traces
     )
-    interval, setup = timing.advertising_interval, timing.connection_setup
     earlier = max(
         rounds * (setup + traffic) + interval / (count + 1),
         sum(interval / (waiting + 1) for waiting in range(count, 0, -1)) + count * setup + traffic,
@@ -195,7 +195,7 @@ async def fleet_revocation(
             f" of {measured:.1f} s"
         ),
         (
-            f"  bound {bound:.1f} s: slots {rounds} x ({timing.connection_setup:.4f} +"
+            f"  bound {bound:.1f} s: slots {rounds} x ({setup:.4f} +"
             f" {session:.3f}) = {per_slot:.1f} s plus the busiest slot's advert waits,"
             f" connecting to any waiting device; naming one device per connection (half an"
             f" advertising interval each) {targeted:.1f} s"
