@@ -226,7 +226,7 @@ IMPORT_STAGES = (
     ("structlog (and what it pulls in)", ("structlog",)),
     ("protocols (construct)", ("protocols.session", "protocols.logrecords")),
     ("gateway.store (sqlite3)", ("gateway.store",)),
-    ("gateway.commands (joserfc)", ("gateway.commands",)),
+    ("gateway.commands", ("gateway.commands",)),
     ("gateway.mqtt (aiomqtt, paho)", ("gateway.mqtt",)),
     ("gateway.metrics (prometheus_client)", ("gateway.metrics",)),
     ("gateway.cli and gateway.app (the rest)", ("gateway.cli", "gateway.app")),

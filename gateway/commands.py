@@ -39,7 +39,7 @@ verified, so an unauthenticated sender cannot fill the store.
 
 from __future__ import annotations
 
-import binascii
+import base64
 import json
 import math
 import re
@@ -54,12 +54,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from joserfc import jws
-from joserfc.errors import InvalidKeyTypeError, JoseError
-from joserfc.jwa import JWSAlgModel
-from joserfc.jwk import OKPKey
-from joserfc.registry import HeaderParameter
-from joserfc.util import urlsafe_b64decode, urlsafe_b64encode
 
 from gateway.fields import Fields, Invalid, Problem, boolean, integer, nullable, one_of, text
 from protocols.envelopes import (
@@ -636,71 +630,71 @@ class Command:
         return self.registry_scope.covers(device_id, site_id)
 
 
-# ----------------------------------------------------------------------------- JOSE glue
+# ------------------------------------------------------------------------ JWS compact
+#
+# One algorithm only, so the serialization is done here rather than by a general JOSE
+# library: ``EdDSA`` with Ed25519 keys (certificates carry no other), which is what the
+# fully specified name ``Ed25519`` of RFC 9864 says. The verifier reads ``alg`` only to
+# refuse anything else; the key always comes from the certificate, never the header.
 
 
-class _Ed25519Algorithm(JWSAlgModel):
-    """``EdDSA`` (RFC 8037) restricted to Ed25519 keys.
+@dataclass(frozen=True)
+class _Token:
+    """A JWS compact serialization, split and decoded but not yet verified."""
 
-    joserfc's own ``EdDSA`` model emits a deprecation warning on every use, because RFC
-    9864 deprecates the name for not saying which curve signs. Here the curve is fixed:
-    certificates carry 32-byte Ed25519 keys only, and :meth:`check_key` refuses any
-    other key, which is what the fully specified name ``Ed25519`` would add.
+    header: dict[str, Any]
+    payload: bytes
+    signing_input: bytes
+    signature: bytes
+
+
+_BASE64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _encode_segment(data: bytes) -> str:
+    """base64url without padding (RFC 7515, section 2)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _decode_segment(segment: str) -> bytes:
+    """Strict base64url without padding; ValueError otherwise.
+
+    Padding, characters outside the URL-safe alphabet, impossible lengths and non-zero
+    unused bits in the last character are all refused: every byte string has exactly
+    one accepted spelling, so no two different tokens carry the same signature.
     """
-
-    name = ALGORITHM
-    description = "EdDSA with Ed25519 only"
-    key_type = "OKP"
-
-    def check_key(self, key: Any) -> None:
-        """Refuse keys other than OKP Ed25519, then joserfc's usual checks."""
-        if not isinstance(key, OKPKey) or key.curve_name != "Ed25519":
-            msg = "commands are signed with Ed25519 keys only"
-            raise InvalidKeyTypeError(msg)
-        super().check_key(key)
-
-    def sign(self, msg: bytes, key: Any) -> bytes:
-        """The Ed25519 signature of ``msg``."""
-        self.check_key(key)
-        private = key.get_op_key("sign")
-        if not isinstance(private, Ed25519PrivateKey):
-            error = "signing needs an Ed25519 private key"
-            raise InvalidKeyTypeError(error)
-        return private.sign(msg)
-
-    def verify(self, msg: bytes, sig: bytes, key: Any) -> bool:
-        """Whether ``sig`` is a valid Ed25519 signature of ``msg``."""
-        self.check_key(key)
-        public = key.get_op_key("verify")
-        if not isinstance(public, Ed25519PublicKey):
-            return False
-        try:
-            public.verify(sig, msg)
-        except InvalidSignature:
-            return False
-        return True
+    if not _BASE64URL.fullmatch(segment) or len(segment) % 4 == 1:
+        msg = "not base64url"
+        raise ValueError(msg)
+    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if _encode_segment(data) != segment:
+        msg = "not canonical base64url"
+        raise ValueError(msg)
+    return data
 
 
-class _CommandRegistry(jws.JWSRegistry):
-    """A registry that knows one algorithm, so no other can ever be selected.
-
-    joserfc keeps algorithms in a class-level dictionary shared by every registry; this
-    subclass has its own, so registering here changes nothing elsewhere.
-    """
-
-    algorithms: dict[str, JWSAlgModel] = {ALGORITHM: _Ed25519Algorithm()}  # noqa: RUF012 - joserfc's class-level registry, read only after this
-    recommended: list[str] = []  # noqa: RUF012 - as above
-    max_header_length = _MAX_HEADER_SEGMENT
-    max_payload_length = MAX_COMMAND_SIZE
-
-
-_REGISTRY: Final = _CommandRegistry(
-    header_registry={
-        CERTIFICATE_HEADER: HeaderParameter("lockgw registry certificate", "str", required=True)
-    },
-    algorithms=[ALGORITHM],
-    strict_check_header=True,
-)
+def _split(payload: bytes) -> _Token:
+    """Three segments: a JSON object header, the payload, the signature. ValueError
+    if ``payload`` is not that; nothing here is trusted yet."""
+    text = payload.decode("ascii")  # UnicodeDecodeError is a ValueError
+    parts = text.split(".")
+    if len(parts) != 3:  # header, payload, signature
+        msg = "not three segments"
+        raise ValueError(msg)
+    head, body, signature = parts
+    if len(head) > _MAX_HEADER_SEGMENT:
+        msg = "header too large"
+        raise ValueError(msg)
+    header = _load_json(_decode_segment(head))
+    if not isinstance(header, dict) or "alg" not in header:
+        msg = "protected header is not a JSON object with alg"
+        raise ValueError(msg)
+    return _Token(
+        header=header,
+        payload=_decode_segment(body),
+        signing_input=f"{head}.{body}".encode("ascii"),
+        signature=_decode_segment(signature),
+    )
 
 
 def sign_command(
@@ -716,13 +710,15 @@ def sign_command(
     header = {
         "alg": ALGORITHM,
         "typ": COMMAND_TYPE,
-        CERTIFICATE_HEADER: urlsafe_b64encode(registry_certificate).decode("ascii"),
+        CERTIFICATE_HEADER: _encode_segment(registry_certificate),
     }
     payload = json.dumps(dict(claims), separators=(",", ":"), ensure_ascii=False)
-    token = jws.serialize_compact(
-        header, payload.encode("utf-8"), OKPKey(registry_key, registry_key), registry=_REGISTRY
+    signing_input = ".".join(
+        _encode_segment(part)
+        for part in (json.dumps(header, separators=(",", ":")).encode(), payload.encode())
     )
-    return token.encode("ascii")
+    signature = registry_key.sign(signing_input.encode("ascii"))
+    return f"{signing_input}.{_encode_segment(signature)}".encode("ascii")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -855,8 +851,8 @@ class CommandVerifier:
         unverified = _peek_claims(token.payload)
         refuse = _Refuser(readable_id(unverified.get("id")), _readable_op(unverified.get("op")))
 
-        _check_header(token.headers(), refuse)
-        certificate = self._certificate(token.headers().get(CERTIFICATE_HEADER), now, refuse)
+        _check_header(token.header, refuse)
+        certificate = self._certificate(token.header.get(CERTIFICATE_HEADER), now, refuse)
         _check_signature(token, certificate, refuse)
 
         claims = _claims(token.payload, refuse)
@@ -905,8 +901,8 @@ class CommandVerifier:
         if len(encoded) > (MAX_CERTIFICATE_SIZE * 4 + 2) // 3:
             raise refuse(code, "CERT_MALFORMED: certificate too large")
         try:
-            raw = urlsafe_b64decode(encoded.encode("ascii"))
-        except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
+            raw = _decode_segment(encoded)
+        except ValueError as exc:
             raise refuse(code, "CERT_MALFORMED: not base64url") from exc
         try:
             certificate = decode_certificate(raw)
@@ -945,17 +941,16 @@ def _check_header(header: Mapping[str, Any], refuse: _Refuser) -> None:
         raise refuse(ErrorCode.MALFORMED, f"header typ must be {COMMAND_TYPE}")
 
 
-def _check_signature(
-    token: jws.CompactSignature, certificate: Certificate, refuse: _Refuser
-) -> None:
+def _check_signature(token: _Token, certificate: Certificate, refuse: _Refuser) -> None:
     """``bad_signature`` unless the certificate's key signed header and claims."""
     try:
         public = certificate.public_signing_key()
-        valid = jws.validate_compact(token, OKPKey(public, public), registry=_REGISTRY)
-    except (JoseError, ProtocolError, ValueError) as exc:
+    except ProtocolError as exc:
         raise refuse(ErrorCode.BAD_SIGNATURE, "signature cannot be checked") from exc
-    if not valid:
-        raise refuse(ErrorCode.BAD_SIGNATURE, "signature does not verify")
+    try:
+        public.verify(token.signature, token.signing_input)
+    except InvalidSignature:
+        raise refuse(ErrorCode.BAD_SIGNATURE, "signature does not verify") from None
 
 
 def _arguments(
@@ -976,22 +971,16 @@ def _arguments(
         raise refuse(ErrorCode.BAD_ARGS, f"args: {exc.message}") from exc
 
 
-def _parse(payload: bytes) -> jws.CompactSignature:
+def _parse(payload: bytes) -> _Token:
     """The JWS compact serialization in ``payload``; ``malformed`` if it is none."""
-    command_id: str | None = None
+    # A bare JSON command (unsigned) cannot be accepted, but its id can be echoed.
+    command_id = readable_id(_peek_claims(payload).get("id"))
     try:
-        # A bare JSON command (unsigned) cannot be accepted, but its id can be echoed.
-        command_id = readable_id(_peek_claims(payload).get("id"))
-        token = jws.extract_compact(payload, registry=_REGISTRY)
-        protected: object = token.protected  # whatever JSON value the header held
-        if not isinstance(protected, dict):
-            msg = "protected header is not a JSON object"
-            raise TypeError(msg)
-    except (JoseError, ValueError, TypeError) as exc:
+        return _split(payload)
+    except ValueError as exc:
         raise CommandError(
             ErrorCode.MALFORMED, "not a JWS compact serialization", command_id=command_id
         ) from exc
-    return token
 
 
 def _peek_claims(data: bytes) -> dict[str, Any]:
