@@ -612,31 +612,26 @@ class Store:
         IMMEDIATE takes the write lock up front, so a transaction never fails halfway
         because another connection got to write first.
         """
-        with self._lock:
-            conn = self._connection()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                msg = f"{what}: cannot begin a transaction: {exc}"
-                raise StoreError(msg) from exc
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except (sqlite3.Error, OverflowError) as exc:
-                _rollback(conn)
-                msg = f"{what}: {exc}"
-                raise StoreError(msg) from exc
-            except BaseException:
-                _rollback(conn)
-                raise
+        with self._transaction(what, "BEGIN IMMEDIATE") as conn:
+            yield conn
 
     @contextmanager
     def _read(self, what: str) -> Iterator[sqlite3.Connection]:
         """A read transaction, so that several queries see one snapshot."""
+        with self._transaction(what, "BEGIN") as conn:
+            yield conn
+
+    @contextmanager
+    def _transaction(self, what: str, begin: str) -> Iterator[sqlite3.Connection]:
+        """``begin``, then COMMIT, or ROLLBACK on any error; errors as StoreError."""
         with self._lock:
             conn = self._connection()
             try:
-                conn.execute("BEGIN")
+                conn.execute(begin)
+            except sqlite3.Error as exc:
+                msg = f"{what}: cannot begin a transaction: {exc}"
+                raise StoreError(msg) from exc
+            try:
                 yield conn
                 conn.execute("COMMIT")
             except (sqlite3.Error, OverflowError) as exc:
